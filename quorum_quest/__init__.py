@@ -1,0 +1,1 @@
+"""Quorum Quest: leases on named locks, served over gRPC."""

@@ -1,0 +1,64 @@
+"""`quorum-quest-service`: run the lock service.
+
+    quorum-quest-service [-config=PATH | --config PATH]
+
+PATH is a config file or a directory holding config.yaml, config.yml,
+quorum-quest.yaml or quorum-quest.yml (default: ./config). With no file found the
+service starts on the embedded memory store at localhost:5050.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+from quorum_quest.config.loader import DEFAULT_PATH, find_config_file, load_settings
+from quorum_quest.errors import ConfigError, StoreUnavailable
+from quorum_quest.server.app import serve
+from quorum_quest.telemetry.logging import configure_logging
+
+EXIT_CONFIG = 2
+EXIT_STORE = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quorum-quest-service", description="Quorum Quest distributed lock service"
+    )
+    parser.add_argument(
+        "-config", "--config", dest="config", type=Path, default=DEFAULT_PATH,
+        help="config file, or a directory holding config.yaml (default: ./config)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        file = find_config_file(args.config)
+        settings = load_settings(file)
+    except ConfigError as exc:
+        print(f"quorum-quest-service: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.logger)
+    if file is None:
+        logger.info("no config file found at {}; using the embedded memory store", args.config)
+    else:
+        logger.info("config loaded from {}", file)
+    try:
+        asyncio.run(serve(settings))
+    except StoreUnavailable as exc:
+        logger.error("cannot start: {}", exc)
+        return EXIT_STORE
+    except OSError as exc:
+        logger.error("cannot start: {}", exc)
+        return EXIT_STORE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

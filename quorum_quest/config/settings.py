@@ -1,0 +1,79 @@
+"""The settings model: every key of the config file, validated once, then immutable.
+
+Key names follow the config file (camelCase where the file uses it). The `store:`
+section is kept as a plain mapping here and validated by the configured backend's
+own model (`Settings.store_settings()`), so this module knows no concrete store.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from quorum_quest.stores import StoreSettings, UnknownBackend, store_class
+from quorum_quest.stores.registry import canonical_name
+
+_LOG_LEVELS = {"TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"}
+_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL", "PANIC": "CRITICAL"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendSettings(_Section):
+    type: str = "memory"
+
+    @field_validator("type")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        name = canonical_name(value)
+        try:
+            store_class(name)
+        except UnknownBackend as exc:
+            raise ValueError(str(exc)) from None
+        return name
+
+
+class LoggerSettings(_Section):
+    level: str = "INFO"
+    format: Literal["text", "json"] = "text"
+
+    @field_validator("level")
+    @classmethod
+    def _loguru_level(cls, value: str) -> str:
+        """Accept loguru names and the original `LOG_LEVELS_<NAME>LEVEL` spelling."""
+        level = value.strip().upper()
+        if level.startswith("LOG_LEVELS_") and level.endswith("LEVEL"):
+            level = level[len("LOG_LEVELS_") : -len("LEVEL")]
+        level = _LEVEL_ALIASES.get(level, level)
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"unknown level {value!r}; use one of {', '.join(sorted(_LOG_LEVELS))}")
+        return level
+
+
+class ObservabilitySettings(_Section):
+    serviceName: str = "quorum-quest"
+    serviceVersion: str = "0.1.0"
+    environment: str = "development"
+    otelEndpoint: str = ""
+
+
+class ServerSettings(_Section):
+    maxTtl: float = Field(default=3600, gt=0, description="largest lease a caller may ask for, s")
+    shutdownGrace: float = Field(default=10, ge=0, description="seconds in-flight calls get")
+    healthInterval: float = Field(default=2, gt=0, description="seconds between store probes")
+
+
+class Settings(_Section):
+    serverAddress: str = "localhost:5050"
+    backend: BackendSettings = BackendSettings()
+    store: dict[str, Any] = Field(default_factory=dict)
+    logger: LoggerSettings = LoggerSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
+    server: ServerSettings = ServerSettings()
+
+    def store_settings(self) -> StoreSettings:
+        """The `store:` section validated by the configured backend's model."""
+        return store_class(self.backend.type).settings_model.model_validate(self.store)

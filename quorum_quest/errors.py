@@ -1,0 +1,46 @@
+"""Every exception Quorum Quest raises, in one hierarchy.
+
+A backend failure is always a `StoreUnavailable` (server side) or a
+`ServiceUnavailable` (client side); it is never reported as "someone else leads".
+"""
+
+from __future__ import annotations
+
+
+class QuorumQuestError(Exception):
+    """Base class of every Quorum Quest error."""
+
+
+class InvalidArgument(QuorumQuestError, ValueError):
+    """A request or setting is malformed; `field` names what was wrong."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class StoreUnavailable(QuorumQuestError):
+    """The lock store could not be reached or failed; the outcome of the call is unknown."""
+
+    def __init__(self, backend: str, detail: str) -> None:
+        super().__init__(f"{backend} store unavailable: {detail}")
+        self.backend = backend
+        self.detail = detail
+
+
+class ServiceUnavailable(QuorumQuestError):
+    """The client could not get an answer from the service (transport, deadline or backend)."""
+
+
+class LeadershipLost(QuorumQuestError):
+    """The lease could no longer be guaranteed, so the leadership body was cancelled."""
+
+
+class ConfigError(QuorumQuestError):
+    """A configuration value is missing or invalid; `path` is the dotted key path."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}" if path else reason)
+        self.path = path
+        self.reason = reason

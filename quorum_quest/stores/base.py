@@ -1,0 +1,108 @@
+"""The store protocol: the one small interface every lock backend implements.
+
+A store owns the lock state. Each of `acquire`, `keep_alive` and `release` must be
+ONE atomic backend operation, so that two service instances sharing a backend can
+never both grant the same lock. Stores raise `StoreUnavailable` when the backend
+cannot answer; they never turn a failure into "held by someone else".
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_NAME_BYTES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class LockKey:
+    """A lock's name: the pair (service, domain). Two pairs are always two locks."""
+
+    service: str
+    domain: str
+
+
+@dataclass(frozen=True, slots=True)
+class Acquisition:
+    """The answer to `acquire`.
+
+    When `acquired`, `token` is the caller's fencing token and `ttl_ms` its lease;
+    `refreshed` tells that the caller already held the lock (same token). Otherwise
+    `holder` is the current holder ("" if unknown), `token` its token (0 if unknown)
+    and `ttl_ms` what is left of its lease.
+    """
+
+    acquired: bool
+    holder: str
+    token: int
+    ttl_ms: int
+    refreshed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """The answer to `keep_alive`: `renewed` is False when the caller does not hold the lock."""
+
+    renewed: bool
+    token: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """The live holder of a lock, as `get_leader` sees it."""
+
+    client_id: str
+    token: int
+    remaining_ms: int
+
+
+class StoreSettings(BaseModel):
+    """Settings common to every store: the `store:` section of the config file.
+
+    Each backend subclasses this with its own keys; unknown keys are rejected.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    ttl: int = Field(default=15, gt=0, description="default lease length in seconds")
+
+
+class LockStore(ABC):
+    """A lock backend. Created with its settings, then `start()`ed once before use."""
+
+    #: Registry name, used in logs, metrics and error messages.
+    backend: ClassVar[str]
+    #: The model that validates this backend's `store:` section.
+    settings_model: ClassVar[type[StoreSettings]] = StoreSettings
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+
+    async def start(self) -> None:
+        """Connect and prepare the backend; raise `StoreUnavailable` if it cannot be reached."""
+
+    async def close(self) -> None:
+        """Release connections. The store is not used afterwards."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Return when the backend answers; raise `StoreUnavailable` otherwise."""
+
+    @abstractmethod
+    async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
+        """Grant a free or expired lock with a new, larger token; refresh the caller's own lease."""
+
+    @abstractmethod
+    async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
+        """Extend the caller's live lease to `ttl_ms`; never revive an expired or released one."""
+
+    @abstractmethod
+    async def release(self, key: LockKey, client_id: str) -> bool:
+        """Delete the caller's lease; True if this call deleted it."""
+
+    @abstractmethod
+    async def get_leader(self, key: LockKey) -> Holder | None:
+        """The live holder of the lock, or None when it is free."""

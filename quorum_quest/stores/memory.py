@@ -1,0 +1,103 @@
+"""The embedded store: lock state in this process's memory.
+
+For development and single-instance use only. The state lives in one process, so
+several service instances must NOT share it, and a restart forgets every lease.
+Expiry is judged on the monotonic clock. Every operation runs without awaiting,
+so on the single event loop each one is atomic.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from quorum_quest.stores.base import (
+    Acquisition,
+    Holder,
+    LockKey,
+    LockStore,
+    Renewal,
+    StoreSettings,
+)
+
+_SWEEP_INTERVAL_S = 1.0
+
+
+@dataclass(slots=True)
+class _Lease:
+    holder: str
+    token: int
+    deadline: float  # time.monotonic() seconds
+
+
+class MemoryStore(LockStore):
+    backend = "memory"
+    settings_model = StoreSettings
+
+    def __init__(self, settings: StoreSettings) -> None:
+        super().__init__(settings)
+        self._leases: dict[LockKey, _Lease] = {}
+        # One counter for every lock: a token larger than all tokens issued so far is
+        # larger than all tokens issued for any one lock. It starts at the wall clock in
+        # microseconds so that tokens keep rising across a restart of this process.
+        self._last_token = time.time_ns() // 1000
+        self._next_sweep = 0.0
+
+    async def ping(self) -> None:
+        return None
+
+    def _live(self, key: LockKey, now: float) -> _Lease | None:
+        lease = self._leases.get(key)
+        if lease is not None and lease.deadline <= now:
+            del self._leases[key]
+            return None
+        return lease
+
+    def _sweep(self, now: float) -> None:
+        """Forget expired leases nobody asked about again, at most once a second."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + _SWEEP_INTERVAL_S
+        expired = [key for key, lease in self._leases.items() if lease.deadline <= now]
+        for key in expired:
+            del self._leases[key]
+
+    async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
+        now = time.monotonic()
+        self._sweep(now)
+        lease = self._live(key, now)
+        if lease is None:
+            self._last_token += 1
+            lease = _Lease(client_id, self._last_token, now + ttl_ms / 1000)
+            self._leases[key] = lease
+            return Acquisition(True, client_id, lease.token, ttl_ms)
+        if lease.holder == client_id:
+            lease.deadline = now + ttl_ms / 1000
+            return Acquisition(True, client_id, lease.token, ttl_ms, refreshed=True)
+        return Acquisition(False, lease.holder, lease.token, _remaining_ms(lease, now))
+
+    async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
+        now = time.monotonic()
+        lease = self._live(key, now)
+        if lease is None or lease.holder != client_id:
+            return Renewal(False)
+        lease.deadline = now + ttl_ms / 1000
+        return Renewal(True, lease.token)
+
+    async def release(self, key: LockKey, client_id: str) -> bool:
+        lease = self._live(key, time.monotonic())
+        if lease is None or lease.holder != client_id:
+            return False
+        del self._leases[key]
+        return True
+
+    async def get_leader(self, key: LockKey) -> Holder | None:
+        now = time.monotonic()
+        lease = self._live(key, now)
+        if lease is None:
+            return None
+        return Holder(lease.holder, lease.token, _remaining_ms(lease, now))
+
+
+def _remaining_ms(lease: _Lease, now: float) -> int:
+    return max(0, int((lease.deadline - now) * 1000))

@@ -1,0 +1,49 @@
+"""Stores register by name; the service and the config find them only through here.
+
+Built-in stores and third-party ones alike are Python entry points in the group
+`quorum_quest.stores` (`name = "package.module:StoreClass"`), loaded lazily so that
+a backend's driver is imported only when that backend is configured.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from quorum_quest.stores.base import LockStore
+
+ENTRY_POINT_GROUP = "quorum_quest.stores"
+ALIASES = {"scylla": "scylladb", "dynamo": "dynamodb"}
+
+_registered: dict[str, type[LockStore]] = {}
+
+
+class UnknownBackend(LookupError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown backend {name!r}; available: {', '.join(available())}")
+        self.name = name
+
+
+def canonical_name(name: str) -> str:
+    name = name.strip().lower()
+    return ALIASES.get(name, name)
+
+
+def register_store(name: str, store: type[LockStore]) -> None:
+    """Register a store class under `name` (for stores not shipped as an entry point)."""
+    _registered[canonical_name(name)] = store
+
+
+def available() -> list[str]:
+    return sorted(set(_registered) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def store_class(name: str) -> type[LockStore]:
+    """The store class registered under `name` (or one of its aliases)."""
+    name = canonical_name(name)
+    if name in _registered:
+        return _registered[name]
+    for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        store = ep.load()
+        _registered[name] = store
+        return store
+    raise UnknownBackend(name)

@@ -1,0 +1,105 @@
+"""Real backend servers for the tests, started as local processes on free loopback ports.
+
+`QQ_TEST_REDIS_URL` points the tests at a Redis you run yourself. Otherwise a
+`redis-server` binary on PATH is started (the test command installs it from
+Debian's packages), or, where a Docker engine runs, a testcontainers Redis. A
+backend that cannot be started fails the run; it is never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisProcess:
+    """A throw-away redis-server on 127.0.0.1 with no persistence."""
+
+    def __init__(self, *extra_args: str) -> None:
+        self.port = free_port()
+        self.extra_args = extra_args
+        self.workdir = tempfile.mkdtemp(prefix="qq-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not on PATH (run the README's test command)")
+        self.process = subprocess.Popen(
+            [
+                binary, "--bind", "127.0.0.1", "--port", str(self.port),
+                "--save", "", "--appendonly", "no", "--dir", self.workdir,
+                *self.extra_args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+    def __enter__(self) -> RedisProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _docker_engine_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """The URL of a real Redis for the whole test session."""
+    if url := os.environ.get("QQ_TEST_REDIS_URL"):
+        redis.Redis.from_url(url).ping()
+        yield url
+    elif shutil.which("redis-server") is not None:
+        with RedisProcess() as server:
+            yield server.url
+    elif _docker_engine_available():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer() as container:
+            host = container.get_container_host_ip()
+            yield f"redis://{host}:{container.get_exposed_port(6379)}/0"
+    else:
+        raise RuntimeError(
+            "no Redis for the tests: set QQ_TEST_REDIS_URL, install redis-server, or run Docker"
+        )

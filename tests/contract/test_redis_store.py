@@ -1,0 +1,108 @@
+"""What the Redis store promises beyond the shared contract."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+
+from quorum_quest.errors import StoreUnavailable
+from quorum_quest.stores import LockKey, store_class
+from quorum_quest.stores.redis import RedisSettings, RedisStore
+from tests.backends import RedisProcess, free_port
+
+pytestmark = pytest.mark.redis
+
+
+def make_store(**settings: object) -> RedisStore:
+    return store_class("redis")(RedisSettings.model_validate(settings))
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+async def keys_of(url: str, pattern: str, db: int = 0) -> list[bytes]:
+    client = aioredis.Redis.from_url(f"{url.rsplit('/', 1)[0]}/{db}")
+    try:
+        return sorted([key async for key in client.scan_iter(match=pattern)])
+    finally:
+        await client.aclose()
+
+
+async def test_both_keys_of_a_lock_share_one_hash_slot(redis_url: str, prefix: str) -> None:
+    store = make_store(url=redis_url, key_prefix=prefix)
+    await store.start()
+    try:
+        await store.acquire(LockKey("orders{eu}", "shard:7"), "alice", 10_000)
+        keys = await keys_of(redis_url, f"{prefix}:*")
+    finally:
+        await store.close()
+    assert len(keys) == 2, keys
+    assert len({key_slot(key) for key in keys}) == 1
+
+
+async def test_keys_carry_the_configured_prefix(redis_url: str, prefix: str) -> None:
+    store = make_store(url=redis_url, key_prefix=prefix)
+    await store.start()
+    try:
+        await store.acquire(LockKey("svc", "dom"), "alice", 10_000)
+    finally:
+        await store.close()
+    assert await keys_of(redis_url, f"{prefix}:*") == [
+        f"{prefix}:{{svc:dom}}".encode(),
+        f"{prefix}:{{svc:dom}}:token".encode(),
+    ]
+
+
+async def test_db_setting_selects_the_database(redis_url: str, prefix: str) -> None:
+    host_port = redis_url.removeprefix("redis://").split("/")[0]
+    host, port = host_port.rsplit(":", 1)
+    store = make_store(host=host, port=int(port), db=3, key_prefix=prefix)
+    await store.start()
+    try:
+        await store.acquire(LockKey("svc", "dom"), "alice", 10_000)
+    finally:
+        await store.close()
+    assert await keys_of(redis_url, f"{prefix}:*", db=0) == []
+    assert len(await keys_of(redis_url, f"{prefix}:*", db=3)) == 2
+
+
+async def test_password_is_used() -> None:
+    with RedisProcess("--requirepass", "s3cret") as server:
+        refused = make_store(host="127.0.0.1", port=server.port)
+        with pytest.raises(StoreUnavailable, match="redis"):
+            await refused.start()
+        await refused.close()
+        store = make_store(host="127.0.0.1", port=server.port, password="s3cret")
+        await store.start()
+        assert (await store.acquire(LockKey("svc", "dom"), "alice", 10_000)).acquired
+        await store.close()
+
+
+async def test_unreachable_redis_is_store_unavailable_naming_redis() -> None:
+    store = make_store(host="127.0.0.1", port=free_port(), timeout=0.5)
+    with pytest.raises(StoreUnavailable) as caught:
+        await store.acquire(LockKey("svc", "dom"), "alice", 10_000)
+    assert caught.value.backend == "redis"
+    await store.close()
+
+
+async def test_tokens_keep_rising_after_the_data_is_lost() -> None:
+    with RedisProcess() as server:
+        store = make_store(url=server.url)
+        await store.start()
+        key = LockKey("svc", "dom")
+        before = (await store.acquire(key, "alice", 10_000)).token
+        await store._redis.flushall()  # what a restart without persistence leaves behind
+        after = (await store.acquire(key, "bob", 10_000)).token
+        await store.close()
+    assert after > before
+
+
+def test_key_prefix_with_braces_is_rejected() -> None:
+    with pytest.raises(ValueError, match="key_prefix"):
+        RedisSettings(key_prefix="a{b}")

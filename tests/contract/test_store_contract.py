@@ -1,0 +1,182 @@
+"""The store contract: every backend passes exactly these tests (see `BACKENDS`)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from quorum_quest.stores import LockKey, LockStore
+
+SHORT_MS = 300
+LONG_MS = 30_000
+
+
+def fresh_key() -> LockKey:
+    return LockKey("svc-" + uuid.uuid4().hex[:8], "dom")
+
+
+async def expire(ttl_ms: int = SHORT_MS) -> None:
+    await asyncio.sleep(ttl_ms / 1000 + 0.15)
+
+
+async def test_acquire_free_lock_grants_it_with_a_token(store: LockStore) -> None:
+    result = await store.acquire(fresh_key(), "alice", LONG_MS)
+    assert result.acquired and not result.refreshed
+    assert result.holder == "alice"
+    assert result.token > 0
+    assert result.ttl_ms == LONG_MS
+
+
+async def test_acquire_by_holder_refreshes_with_same_token(store: LockStore) -> None:
+    key = fresh_key()
+    first = await store.acquire(key, "alice", SHORT_MS)
+    await asyncio.sleep(SHORT_MS / 2000)
+    again = await store.acquire(key, "alice", SHORT_MS)
+    assert again.acquired and again.refreshed
+    assert again.token == first.token
+    await asyncio.sleep(SHORT_MS / 1000 * 0.75)  # past the first lease, inside the refreshed one
+    assert (await store.get_leader(key)).client_id == "alice"
+
+
+async def test_acquire_held_by_other_names_the_holder(store: LockStore) -> None:
+    key = fresh_key()
+    granted = await store.acquire(key, "alice", LONG_MS)
+    refused = await store.acquire(key, "bob", LONG_MS)
+    assert not refused.acquired
+    assert refused.holder == "alice"
+    assert refused.token == granted.token
+    assert 0 < refused.ttl_ms <= LONG_MS
+
+
+async def test_expired_lock_is_granted_to_another_with_a_larger_token(store: LockStore) -> None:
+    key = fresh_key()
+    first = await store.acquire(key, "alice", SHORT_MS)
+    await expire()
+    second = await store.acquire(key, "bob", LONG_MS)
+    assert second.acquired and second.holder == "bob"
+    assert second.token > first.token
+
+
+async def test_keep_alive_extends_the_holders_lease(store: LockStore) -> None:
+    key = fresh_key()
+    granted = await store.acquire(key, "alice", SHORT_MS)
+    await asyncio.sleep(SHORT_MS / 2000)
+    renewal = await store.keep_alive(key, "alice", LONG_MS)
+    assert renewal.renewed and renewal.token == granted.token
+    await expire()
+    holder = await store.get_leader(key)
+    assert holder is not None and holder.client_id == "alice"
+    assert holder.remaining_ms > LONG_MS - 5_000
+
+
+async def test_keep_alive_by_non_holder_is_refused_and_changes_nothing(store: LockStore) -> None:
+    key = fresh_key()
+    await store.acquire(key, "alice", SHORT_MS)
+    renewal = await store.keep_alive(key, "bob", LONG_MS)
+    assert not renewal.renewed
+    await expire()
+    assert await store.get_leader(key) is None
+
+
+async def test_keep_alive_after_expiry_does_not_revive_lock(store: LockStore) -> None:
+    key = fresh_key()
+    await store.acquire(key, "alice", SHORT_MS)
+    await expire()
+    assert not (await store.keep_alive(key, "alice", LONG_MS)).renewed
+    assert await store.get_leader(key) is None
+    assert (await store.acquire(key, "bob", LONG_MS)).acquired
+
+
+async def test_keep_alive_after_release_does_not_revive_lock(store: LockStore) -> None:
+    key = fresh_key()
+    await store.acquire(key, "alice", LONG_MS)
+    assert await store.release(key, "alice")
+    assert not (await store.keep_alive(key, "alice", LONG_MS)).renewed
+    assert await store.get_leader(key) is None
+
+
+async def test_release_by_holder_frees_the_lock(store: LockStore) -> None:
+    key = fresh_key()
+    await store.acquire(key, "alice", LONG_MS)
+    assert await store.release(key, "alice") is True
+    assert await store.get_leader(key) is None
+    assert (await store.acquire(key, "bob", LONG_MS)).acquired
+
+
+async def test_release_by_non_holder_changes_nothing(store: LockStore) -> None:
+    key = fresh_key()
+    granted = await store.acquire(key, "alice", LONG_MS)
+    assert await store.release(key, "bob") is False
+    holder = await store.get_leader(key)
+    assert holder is not None and (holder.client_id, holder.token) == ("alice", granted.token)
+
+
+async def test_release_is_idempotent(store: LockStore) -> None:
+    key = fresh_key()
+    await store.acquire(key, "alice", LONG_MS)
+    assert await store.release(key, "alice") is True
+    assert await store.release(key, "alice") is False
+    assert await store.release(fresh_key(), "alice") is False
+
+
+async def test_tokens_strictly_increase_across_release_and_expiry(store: LockStore) -> None:
+    key = fresh_key()
+    tokens = []
+    for round_ in range(30):
+        result = await store.acquire(key, f"client-{round_ % 3}", LONG_MS)
+        assert result.acquired
+        tokens.append(result.token)
+        assert await store.release(key, f"client-{round_ % 3}")
+    expiring = await store.acquire(key, "late", SHORT_MS)
+    await expire()
+    after_expiry = await store.acquire(key, "later", LONG_MS)
+    tokens += [expiring.token, after_expiry.token]
+    assert all(a < b for a, b in zip(tokens, tokens[1:])), tokens
+
+
+async def test_concurrent_acquires_grant_exactly_one(store: LockStore) -> None:
+    key = fresh_key()
+    results = await asyncio.gather(
+        *(store.acquire(key, f"client-{n}", LONG_MS) for n in range(25))
+    )
+    winners = [r for r in results if r.acquired]
+    assert len(winners) == 1
+    assert {r.holder for r in results} == {winners[0].holder}
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (LockKey("a:b", "c"), LockKey("a", "b:c")),
+        (LockKey("a", "b}c"), LockKey("a}", "bc")),
+        (LockKey("x%3Ay", "z"), LockKey("x:y", "z")),
+        (LockKey("ünï", "cödé"), LockKey("ünï", "cöde")),
+    ],
+)
+async def test_distinct_pairs_are_distinct_locks(
+    store: LockStore, first: LockKey, second: LockKey
+) -> None:
+    # A fresh suffix on both domains keeps each pair's naive joins equal ("a:b:c<sfx>").
+    suffix = uuid.uuid4().hex[:6]
+    first = LockKey(first.service, first.domain + suffix)
+    second = LockKey(second.service, second.domain + suffix)
+    assert (await store.acquire(first, "alice", LONG_MS)).acquired
+    assert (await store.acquire(second, "bob", LONG_MS)).acquired
+    assert (await store.get_leader(first)).client_id == "alice"
+    assert (await store.get_leader(second)).client_id == "bob"
+
+
+async def test_get_leader_reports_holder_token_and_remaining(store: LockStore) -> None:
+    key = fresh_key()
+    assert await store.get_leader(key) is None
+    granted = await store.acquire(key, "alice", LONG_MS)
+    holder = await store.get_leader(key)
+    assert holder is not None
+    assert (holder.client_id, holder.token) == ("alice", granted.token)
+    assert LONG_MS - 5_000 < holder.remaining_ms <= LONG_MS
+
+
+async def test_ping_answers(store: LockStore) -> None:
+    await store.ping()

@@ -72,9 +72,13 @@ def validate(raw: dict[str, Any]) -> Settings:
     except ValidationError as exc:
         raise _config_error(exc) from None
     try:
-        settings.store_settings()
+        store = settings.store_settings()
     except ValidationError as exc:
         raise _config_error(exc, prefix="store") from None
+    if store.ttl > settings.server.maxTtl:
+        raise ConfigError(
+            "store.ttl", f"the default lease ({store.ttl} s) is above server.maxTtl ({settings.server.maxTtl:g} s)"
+        )
     return settings
 
 

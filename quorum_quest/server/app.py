@@ -7,7 +7,6 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -40,26 +39,69 @@ def bind_address(address: str) -> str:
 
 
 class LockServer:
-    """One running service instance. Use `running_server()` to own its lifetime."""
+    """One service instance: the grpc.aio server, its health service and its store probe.
 
-    def __init__(self, runtime: Runtime, server: grpc.aio.Server, port: int) -> None:
-        self.runtime = runtime
-        self.port = port
-        self._server = server
+    `start()` connects the store and begins serving; `stop()` shuts down gracefully:
+    health goes NOT_SERVING, new calls are refused, in-flight calls get
+    `server.shutdownGrace` seconds, then the store is closed. The store probe task
+    belongs to the server and ends with it.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime = Runtime(settings, create_store(settings))
         self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self._probe: asyncio.Task[None] | None = None
 
-    async def set_health(self, status: int) -> None:
+    async def start(self) -> None:
+        store = self.runtime.store
+        await store.start()
+        try:
+            self._server.add_generic_rpc_handlers(
+                (service_handler(LeaderElectionServicer(self.runtime)),)
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                self._server,
+                pool=default_google_proto_descriptor_pool,
+            )
+            self.port = self._server.add_insecure_port(bind_address(self.settings.serverAddress))
+            await self._server.start()
+        except BaseException:
+            await store.close()
+            raise
+        await self._set_health(SERVING)
+        self._probe = asyncio.get_running_loop().create_task(self._probe_store())
+        logger.info(
+            "serving on {} (port {}) with the {} store",
+            self.settings.serverAddress, self.port, store.backend,
+        )
+
+    async def stop(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
+            self._probe = None
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self.settings.server.shutdownGrace)
+        await self.runtime.store.close()
+        logger.info("stopped")
+
+    async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def probe_store(self) -> None:
+    async def _probe_store(self) -> None:
         """Keep health SERVING exactly while the store answers its ping."""
-        interval = self.runtime.settings.server.healthInterval
+        interval = self.settings.server.healthInterval
         serving = True
         while True:
-            await anyio.sleep(interval)
+            await asyncio.sleep(interval)
             try:
-                with anyio.fail_after(interval):
+                async with asyncio.timeout(interval):
                     await self.runtime.store.ping()
                 ok = True
             except (StoreUnavailable, TimeoutError) as exc:
@@ -70,49 +112,18 @@ class LockServer:
                 logger.info("store answers again, health is SERVING")
             if ok != serving:
                 serving = ok
-                await self.set_health(SERVING if ok else NOT_SERVING)
+                await self._set_health(SERVING if ok else NOT_SERVING)
 
 
 @asynccontextmanager
 async def running_server(settings: Settings) -> AsyncIterator[LockServer]:
-    """Start the store and the server, yield it, then shut down gracefully on exit.
-
-    Shutdown: health goes NOT_SERVING, new calls are refused, in-flight calls get
-    `server.shutdownGrace` seconds, then the store is closed.
-    """
-    store = create_store(settings)
-    await store.start()
-    runtime = Runtime(settings, store)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    """A started `LockServer`, stopped gracefully when the block exits."""
+    server = LockServer(settings)
+    await server.start()
     try:
-        server.add_generic_rpc_handlers((service_handler(LeaderElectionServicer(runtime)),))
-        port = server.add_insecure_port(bind_address(settings.serverAddress))
-        lock_server = LockServer(runtime, server, port)
-        health_pb2_grpc.add_HealthServicer_to_server(lock_server.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            server,
-            pool=default_google_proto_descriptor_pool,
-        )
-        await server.start()
-        await lock_server.set_health(SERVING)
-        logger.info(
-            "serving on {} (port {}) with the {} store", settings.serverAddress, port, store.backend
-        )
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(lock_server.probe_store)
-            try:
-                yield lock_server
-            finally:
-                tasks.cancel_scope.cancel()
-                with anyio.CancelScope(shield=True):
-                    await lock_server.health.enter_graceful_shutdown()
-                    await server.stop(settings.server.shutdownGrace)
+        yield server
     finally:
-        with anyio.CancelScope(shield=True):
-            await server.stop(None)
-            await store.close()
-            logger.info("stopped")
+        await asyncio.shield(server.stop())
 
 
 async def serve(settings: Settings) -> None:

@@ -1,0 +1,230 @@
+"""The service over a real grpc.aio connection: contract, status codes, health, reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from quorum_quest._rpc import SERVICE_NAME, LeaderElectionStub, pb
+from quorum_quest.server import LockServer, running_server
+from tests.backends import RedisProcess
+from tests.conftest import make_settings
+
+
+@pytest.fixture
+async def channel(address: str):
+    async with grpc.aio.insecure_channel(address) as chan:
+        yield chan
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> LeaderElectionStub:
+    return LeaderElectionStub(channel)
+
+
+def acquire_request(client_id: str = "alice", **fields: object) -> pb.TryAcquireLockRequest:
+    fields = {"service": "svc", "domain": f"dom-{uuid.uuid4().hex[:8]}", **fields}
+    return pb.TryAcquireLockRequest(client_id=client_id, **fields)
+
+
+async def test_acquire_keep_alive_release_round_trip(stub: LeaderElectionStub) -> None:
+    request = acquire_request(ttl=5)
+    granted = await stub.try_acquire_lock(request)
+    assert granted.is_leader and granted.fencing_token > 0
+    assert granted.lease_length == timedelta(seconds=5)
+    renewed = await stub.keep_alive(
+        pb.KeepAliveRequest(service="svc", domain=request.domain, client_id="alice", ttl=5)
+    )
+    assert renewed.lease_length == timedelta(seconds=5)
+    assert renewed.fencing_token == granted.fencing_token
+    leader = await stub.get_leader(pb.GetLeaderRequest(service="svc", domain=request.domain))
+    assert leader.has_leader and leader.client_id == "alice"
+    assert leader.fencing_token == granted.fencing_token
+    released = await stub.release_lock(
+        pb.ReleaseLockRequest(service="svc", domain=request.domain, client_id="alice")
+    )
+    assert released.released
+    leader = await stub.get_leader(pb.GetLeaderRequest(service="svc", domain=request.domain))
+    assert not leader.has_leader
+
+
+async def test_lock_held_by_other_is_ok_with_leader_id(stub: LeaderElectionStub) -> None:
+    request = acquire_request()
+    await stub.try_acquire_lock(request)
+    other = await stub.try_acquire_lock(acquire_request("bob", domain=request.domain))
+    assert not other.is_leader
+    assert other.leader_id == "alice"
+    assert other.fencing_token == 0
+
+
+async def test_keep_alive_by_non_holder_answers_minus_one_second(stub: LeaderElectionStub) -> None:
+    request = acquire_request()
+    await stub.try_acquire_lock(request)
+    answer = await stub.keep_alive(
+        pb.KeepAliveRequest(service="svc", domain=request.domain, client_id="bob")
+    )
+    assert answer.lease_length == timedelta(seconds=-1)
+
+
+async def test_ttl_ms_overrides_ttl(stub: LeaderElectionStub) -> None:
+    granted = await stub.try_acquire_lock(acquire_request(ttl=30, ttl_ms=250))
+    assert granted.lease_length == timedelta(milliseconds=250)
+
+
+async def test_zero_ttl_means_the_configured_default(stub: LeaderElectionStub) -> None:
+    granted = await stub.try_acquire_lock(acquire_request(ttl=0))
+    assert granted.lease_length == timedelta(seconds=15)
+    granted = await stub.try_acquire_lock(acquire_request(ttl=-3))
+    assert granted.lease_length == timedelta(seconds=15)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"service": ""}, "service"),
+        ({"domain": ""}, "domain"),
+        ({"client_id": ""}, "client_id"),
+        ({"service": "s" * 257}, "service"),
+        ({"domain": "é" * 129}, "domain"),
+        ({"ttl": 3601}, "ttl"),
+        ({"ttl_ms": 3_600_001}, "ttl_ms"),
+    ],
+)
+async def test_bad_acquire_is_invalid_argument_naming_the_field(
+    stub: LeaderElectionStub, fields: dict[str, object], field: str
+) -> None:
+    request = acquire_request(**fields) if "client_id" not in fields else acquire_request(
+        fields["client_id"]
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.try_acquire_lock(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"{field}: ")
+
+
+async def test_names_of_exactly_256_bytes_are_accepted(stub: LeaderElectionStub) -> None:
+    granted = await stub.try_acquire_lock(
+        acquire_request("c" * 256, service="s" * 256, domain="é" * 128)
+    )
+    assert granted.is_leader
+
+
+async def test_bad_keep_alive_and_release_are_invalid_argument(stub: LeaderElectionStub) -> None:
+    for call in (
+        stub.keep_alive(pb.KeepAliveRequest(service="svc", domain="", client_id="a")),
+        stub.release_lock(pb.ReleaseLockRequest(service="svc", domain="d", client_id="")),
+        stub.get_leader(pb.GetLeaderRequest(service="", domain="d")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_health_serves_overall_and_per_service(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", SERVICE_NAME):
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=name))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_the_lock_service(channel: grpc.aio.Channel) -> None:
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    async for answer in reflection.ServerReflectionInfo(iter([request])):
+        names = {service.name for service in answer.list_services_response.service}
+        assert SERVICE_NAME in names
+        break
+    file_request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME)
+    async for answer in reflection.ServerReflectionInfo(iter([file_request])):
+        assert answer.file_descriptor_response.file_descriptor_proto
+        break
+
+
+async def test_idle_client_pings_do_not_get_the_connection_closed(address: str) -> None:
+    """Existing clients ping every 10 s with no call in flight; here every 1 s, for 4 s."""
+    options = [("grpc.keepalive_time_ms", 1_000), ("grpc.keepalive_permit_without_calls", 1)]
+    async with grpc.aio.insecure_channel(address, options=options) as chan:
+        stub = LeaderElectionStub(chan)
+        await stub.get_leader(pb.GetLeaderRequest(service="svc", domain="idle"))
+        states = set()
+        for _ in range(40):
+            states.add(chan.get_state())
+            await asyncio.sleep(0.1)
+        assert states == {grpc.ChannelConnectivity.READY}
+        await stub.get_leader(pb.GetLeaderRequest(service="svc", domain="idle"))
+
+
+@pytest.mark.redis
+async def test_backend_outage_is_unavailable_and_health_not_serving() -> None:
+    with RedisProcess() as redis_process:
+        settings = make_settings("redis", {"url": redis_process.url, "timeout": 0.5})
+        async with running_server(settings) as server:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+                stub = LeaderElectionStub(chan)
+                health = health_pb2_grpc.HealthStub(chan)
+                assert (await stub.try_acquire_lock(acquire_request())).is_leader
+                redis_process.stop()
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.try_acquire_lock(acquire_request())
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "redis" in caught.value.details()
+                await _wait_for_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+                redis_process.start()
+                await _wait_for_health(health, health_pb2.HealthCheckResponse.SERVING)
+                assert (await stub.try_acquire_lock(acquire_request())).is_leader
+
+
+async def _wait_for_health(health: health_pb2_grpc.HealthStub, status: int) -> None:
+    for _ in range(50):
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        if answer.status == status:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"health never became {status}")
+
+
+async def test_caller_deadline_is_deadline_exceeded(server: LockServer, stub: LeaderElectionStub) -> None:
+    class SlowStore:
+        backend = "slow"
+
+        async def acquire(self, *args: object) -> None:
+            await asyncio.sleep(5)
+
+    real = server.runtime.store
+    server.runtime.store = SlowStore()  # only the store's speed is faked
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.try_acquire_lock(acquire_request(), timeout=0.3)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        server.runtime.store = real
+
+
+async def test_shutdown_refuses_new_calls_and_finishes_in_flight_ones(backend, store_config) -> None:
+    settings = make_settings(backend, store_config, server={"shutdownGrace": 3})
+    entered = asyncio.Event()
+
+    async with running_server(settings) as server:
+        real_acquire = server.runtime.store.acquire
+
+        async def slow_acquire(*args: object):
+            entered.set()
+            await asyncio.sleep(0.5)
+            return await real_acquire(*args)
+
+        server.runtime.store.acquire = slow_acquire
+        chan = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        in_flight = asyncio.ensure_future(LeaderElectionStub(chan).try_acquire_lock(acquire_request()))
+        await entered.wait()
+    # running_server has exited: it waited for the call in flight.
+    assert (await in_flight).is_leader
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await LeaderElectionStub(chan).get_leader(pb.GetLeaderRequest(service="s", domain="d"), timeout=1)
+    assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    await chan.close()

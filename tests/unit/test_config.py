@@ -1,0 +1,150 @@
+"""Loading the config file and environment overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from quorum_quest.config.loader import find_config_file, load_settings
+from quorum_quest.errors import ConfigError
+from quorum_quest.server.runtime import LeasePolicy
+from quorum_quest.stores import registry
+from quorum_quest.stores.memory import MemoryStore
+
+SEED = Path(__file__).parent.parent / "fixtures" / "seed"
+
+
+def load(text: str, tmp_path: Path, environ: dict[str, str] | None = None):
+    file = tmp_path / "config.yaml"
+    file.write_text(text)
+    return load_settings(file, environ or {})
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "redis.yaml"])
+def test_the_seed_readme_examples_load_as_written(name: str) -> None:
+    settings = load_settings(SEED / name, {})
+    store = settings.store_settings()
+    assert settings.backend.type == "redis"
+    assert (store.host, store.port, store.db, store.ttl, store.key_prefix) == (
+        "localhost", 6379, 0, 15, "lock",
+    )
+
+
+def test_seed_config_top_level_keys() -> None:
+    settings = load_settings(SEED / "config.yaml", {})
+    assert settings.serverAddress == "localhost:5050"
+    assert settings.logger.level == "INFO"
+    assert settings.observability.otelEndpoint == "localhost:4317"
+    assert settings.observability.serviceName == "quorum-quest"
+
+
+def test_no_file_means_memory_store_on_localhost_5050() -> None:
+    settings = load_settings(None, {})
+    assert settings.serverAddress == "localhost:5050"
+    assert settings.backend.type == "memory"
+
+
+def test_the_seed_readme_environment_overrides_win_over_the_file() -> None:
+    settings = load_settings(
+        SEED / "config.yaml",
+        {
+            "QUORUMQUEST_SERVERADDRESS": "0.0.0.0:5050",
+            "QUORUMQUEST_BACKEND_TYPE": "redis",
+            "QUORUMQUEST_STORE_HOST": "redis.example.com",
+            "QUORUMQUEST_STORE_PORT": "6379",
+            "QUORUMQUEST_STORE_TTL": "30",
+            "QUORUMQUEST_STORE_KEY_PREFIX": "other",
+            "QUORUMQUEST_LOGGER_LEVEL": "LOG_LEVELS_DEBUGLEVEL",
+            "QUORUMQUEST_SERVER_MAXTTL": "60",
+        },
+    )
+    store = settings.store_settings()
+    assert settings.serverAddress == "0.0.0.0:5050"
+    assert (store.host, store.port, store.ttl, store.key_prefix) == ("redis.example.com", 6379, 30, "other")
+    assert settings.logger.level == "DEBUG"
+    assert LeasePolicy.from_settings(settings) == LeasePolicy(30_000, 60_000)
+
+
+def test_environment_key_matching_ignores_case_and_underscores(tmp_path: Path) -> None:
+    settings = load(
+        "backend: {type: redis}\nstore: {key_prefix: a}\n",
+        tmp_path,
+        {"QUORUMQUEST_STORE_KEYPREFIX": "b", "QUORUMQUEST_STORE_MAX_CONNECTIONS": "7"},
+    )
+    assert settings.store == {"key_prefix": "b", "max_connections": "7"}
+    assert settings.store_settings().max_connections == 7
+
+
+def test_environment_can_switch_the_backend(tmp_path: Path) -> None:
+    settings = load("store: {ttl: 5}\n", tmp_path, {"QUORUMQUEST_BACKEND_TYPE": "redis", "QUORUMQUEST_STORE_PORT": "7000"})
+    assert settings.backend.type == "redis"
+    assert settings.store_settings().port == 7000
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [
+        ("LOG_LEVELS_DEBUGLEVEL", "DEBUG"),
+        ("LOG_LEVELS_INFOLEVEL", "INFO"),
+        ("LOG_LEVELS_WARNLEVEL", "WARNING"),
+        ("LOG_LEVELS_ERRORLEVEL", "ERROR"),
+        ("debug", "DEBUG"),
+        ("warn", "WARNING"),
+    ],
+)
+def test_log_levels_accept_the_original_names(tmp_path: Path, level: str, expected: str) -> None:
+    assert load(f"logger: {{level: {level}}}\n", tmp_path).logger.level == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "path", "reason"),
+    [
+        ("serverAdress: x\n", {}, "serverAdress", "unknown key"),
+        ("backend: {type: redis}\nstore: {port: nine}\n", {}, "store.port", "valid integer"),
+        ("backend: {type: redis}\nstore: {hots: x}\n", {}, "store.hots", "unknown key"),
+        ("backend: {type: cassandra}\n", {}, "backend.type", "unknown backend 'cassandra'"),
+        ("logger: {level: loud}\n", {}, "logger.level", "unknown level"),
+        ("logger: {format: xml}\n", {}, "logger.format", "'text' or 'json'"),
+        ("server: {maxTtl: 0}\n", {}, "server.maxTtl", "greater than 0"),
+        ("store: {ttl: 7200}\n", {}, "store.ttl", "server.maxTtl"),
+        ("backend: {type: redis}\nstore: {key_prefix: 'a{b'}\n", {}, "store.key_prefix", "'{'"),
+        ("", {"QUORUMQUEST_STORE_PORT": "x", "QUORUMQUEST_BACKEND_TYPE": "redis"}, "store.port", "integer"),
+        ("", {"QUORUMQUEST_NOPE": "x"}, "QUORUMQUEST_NOPE", "no known key"),
+    ],
+)
+def test_bad_config_names_the_key_path(
+    tmp_path: Path, text: str, environ: dict[str, str], path: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(text, tmp_path, environ)
+    assert caught.value.path == path
+    assert reason in caught.value.reason
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="line 3"):
+        load("backend:\n  type: redis\n bad: [\n", tmp_path)
+
+
+def test_a_directory_is_searched_in_order(tmp_path: Path) -> None:
+    assert find_config_file(tmp_path) is None
+    (tmp_path / "quorum-quest.yml").write_text("")
+    assert find_config_file(tmp_path) == tmp_path / "quorum-quest.yml"
+    (tmp_path / "config.yml").write_text("")
+    assert find_config_file(tmp_path) == tmp_path / "config.yml"
+    (tmp_path / "config.yaml").write_text("")
+    assert find_config_file(tmp_path) == tmp_path / "config.yaml"
+
+
+def test_a_missing_explicit_path_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        find_config_file(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(("alias", "canonical"), [("scylla", "scylladb"), ("dynamo", "dynamodb")])
+def test_backend_aliases_resolve_to_the_canonical_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, alias: str, canonical: str
+) -> None:
+    monkeypatch.setitem(registry._registered, canonical, MemoryStore)
+    assert load(f"backend: {{type: {alias}}}\n", tmp_path).backend.type == canonical

@@ -1,41 +1,43 @@
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from quorum_quest.config.loader import validate
+pytest.register_assert_rewrite("tests.backends")
+
+from quorum_quest.config.loader import validate  # noqa: E402
 from quorum_quest.config.settings import Settings
 from quorum_quest.server import LockServer, running_server
 from quorum_quest.stores import LockStore, store_class
-from tests.backends import redis_server
+from tests.backends import plugin_modules  # noqa: E402
 
-BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+_PLUGINS = plugin_modules()
+pytest_plugins = [module.__name__ for module in _PLUGINS]
 
-
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    try:
-        with redis_server() as url:
-            yield url
-    except RuntimeError as exc:
-        pytest.fail(f"Redis is required and could not be started: {exc}", pytrace=False)
+# Every store variant the contract suite runs against: the embedded store, then
+# whatever each backend plugin in tests/backends/ declares.
+BACKENDS = ["memory", *(variant for module in _PLUGINS for variant in module.VARIANTS)]
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
+def store_variant(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
 @pytest.fixture
-def store_config(backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The `store:` section for `backend`, isolated from every other test."""
-    if backend == "redis":
-        url = request.getfixturevalue("redis_url")
-        return {"url": url, "key_prefix": f"test-{uuid.uuid4().hex[:12]}"}
-    return {}
+def backend(store_variant: str) -> str:
+    """The backend type of the variant under test (`dynamodb-moto` -> `dynamodb`)."""
+    return store_variant.split("-")[0]
+
+
+@pytest.fixture
+def store_config(store_variant: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The `store:` section for the variant under test, isolated from every other test."""
+    if store_variant == "memory":
+        return {}
+    return request.getfixturevalue(f"{store_variant.replace('-', '_')}_store_config")
 
 
 def make_settings(backend: str, store: dict[str, Any], **overrides: Any) -> Settings:

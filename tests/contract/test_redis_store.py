@@ -11,7 +11,8 @@ from redis.crc import key_slot
 from quorum_quest.errors import StoreUnavailable
 from quorum_quest.stores import LockKey, store_class
 from quorum_quest.stores.redis import RedisSettings, RedisStore
-from tests.backends import RedisProcess, free_port
+from tests.backends import free_port
+from tests.backends.redis import RedisProcess
 
 pytestmark = pytest.mark.redis
 

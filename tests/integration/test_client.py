@@ -11,7 +11,7 @@ import pytest
 from quorum_quest import Callbacks, InvalidArgument, LeadershipLost, QuorumQuestClient
 from quorum_quest.server import running_server
 from quorum_quest.stores import LockKey
-from tests.backends import RedisProcess
+from tests.backends.redis import RedisProcess
 from tests.conftest import make_settings
 
 

@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from quorum_quest._rpc import SERVICE_NAME, LeaderElectionStub, pb
 from quorum_quest.server import LockServer, running_server
-from tests.backends import RedisProcess
+from tests.backends.redis import RedisProcess
 from tests.conftest import make_settings
 
 

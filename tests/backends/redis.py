@@ -1,4 +1,4 @@
-"""Real backend servers for the tests, started as local processes on free loopback ports.
+"""Redis for the tests.
 
 `QQ_TEST_REDIS_URL` points the tests at a Redis you run yourself. Otherwise a
 `redis-server` binary on PATH is started (the test command installs it from
@@ -14,16 +14,17 @@ import socket
 import subprocess
 import tempfile
 import time
-from contextlib import contextmanager
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
+import pytest
 import redis
 
+from tests.backends import docker_engine_available, free_port
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+VARIANTS = [pytest.param("redis", marks=pytest.mark.redis)]
 
 
 class RedisProcess:
@@ -78,12 +79,6 @@ class RedisProcess:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _docker_engine_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
-
-
 @contextmanager
 def redis_server() -> Iterator[str]:
     """The URL of a real Redis for the whole test session."""
@@ -93,7 +88,7 @@ def redis_server() -> Iterator[str]:
     elif shutil.which("redis-server") is not None:
         with RedisProcess() as server:
             yield server.url
-    elif _docker_engine_available():
+    elif docker_engine_available():
         from testcontainers.redis import RedisContainer
 
         with RedisContainer() as container:
@@ -103,3 +98,17 @@ def redis_server() -> Iterator[str]:
         raise RuntimeError(
             "no Redis for the tests: set QQ_TEST_REDIS_URL, install redis-server, or run Docker"
         )
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    try:
+        with redis_server() as url:
+            yield url
+    except (RuntimeError, OSError, redis.RedisError) as exc:
+        pytest.fail(f"Redis is required and could not be started: {exc}", pytrace=False)
+
+
+@pytest.fixture
+def redis_store_config(redis_url: str) -> dict[str, Any]:
+    return {"url": redis_url, "key_prefix": f"test-{uuid.uuid4().hex[:12]}"}

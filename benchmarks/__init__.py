@@ -1,0 +1,1 @@
+"""Benchmarks of Quorum Quest: `uv run python -m benchmarks.run` (see README.md)."""

@@ -1,0 +1,212 @@
+"""The systems under test, each behind the same small `Session` interface.
+
+- `memory`: the service with its memory store, called over gRPC.
+- `redis`: the service with its Redis store, called over gRPC.
+- `redis-direct`: the Redis store class called in-process, no gRPC and no service:
+  the same Lua scripts on the same Redis, i.e. the floor the `redis` target sits on.
+
+The service runs in this process, on this event loop, on 127.0.0.1 with a free port.
+Each benchmark client gets its own grpc.aio channel (its own TCP connection) and
+calls the raw `LeaderElectionStub`, so no SDK sleeps or retries are measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any, Protocol
+
+import grpc
+import redis.asyncio as aioredis
+
+from quorum_quest._rpc import LeaderElectionStub, pb
+from quorum_quest.config.loader import validate
+from quorum_quest.server.app import running_server
+from quorum_quest.stores import LockKey, LockStore, store_class
+from quorum_quest.stores.redis import RedisSettings
+
+TARGETS = ("memory", "redis", "redis-direct")
+TTL_MS = 10_000  # far longer than a cycle: a lease never expires under the benchmark
+
+# A local subchannel pool gives every channel its own connection instead of
+# sharing one connection among channels with the same target and options.
+CLIENT_CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
+
+
+class Session(Protocol):
+    """One benchmark client's handle on a target. Each call raises on failure."""
+
+    async def acquire(self, key: LockKey, client_id: str) -> bool:
+        """True when the lock was granted to `client_id`."""
+
+    async def keep_alive(self, key: LockKey, client_id: str) -> bool:
+        """True when the lease was renewed."""
+
+    async def release(self, key: LockKey, client_id: str) -> bool:
+        """True when this call released the lock."""
+
+    async def close(self) -> None: ...
+
+
+class Target(Protocol):
+    name: str
+
+    async def open_session(self) -> Session: ...
+
+
+# -- the service over gRPC ------------------------------------------------------------
+
+
+class ServiceSession:
+    """One grpc.aio channel and stub; every call has a deadline of `timeout` seconds."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        self._timeout = timeout
+        self._channel = grpc.aio.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
+        self._stub = LeaderElectionStub(self._channel)
+
+    async def connect(self) -> None:
+        async with asyncio.timeout(self._timeout):
+            await self._channel.channel_ready()
+
+    async def acquire(self, key: LockKey, client_id: str) -> bool:
+        request = pb.TryAcquireLockRequest(
+            service=key.service, domain=key.domain, client_id=client_id, ttl_ms=TTL_MS
+        )
+        reply = await self._stub.try_acquire_lock(request, timeout=self._timeout)
+        return reply.is_leader
+
+    async def keep_alive(self, key: LockKey, client_id: str) -> bool:
+        request = pb.KeepAliveRequest(
+            service=key.service, domain=key.domain, client_id=client_id, ttl_ms=TTL_MS
+        )
+        reply = await self._stub.keep_alive(request, timeout=self._timeout)
+        return reply.lease_length is not None and reply.lease_length > timedelta(0)
+
+    async def release(self, key: LockKey, client_id: str) -> bool:
+        request = pb.ReleaseLockRequest(service=key.service, domain=key.domain, client_id=client_id)
+        reply = await self._stub.release_lock(request, timeout=self._timeout)
+        return reply.released
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class ServiceTarget:
+    def __init__(self, name: str, address: str, timeout: float) -> None:
+        self.name = name
+        self._address = address
+        self._timeout = timeout
+
+    async def open_session(self) -> ServiceSession:
+        session = ServiceSession(self._address, self._timeout)
+        await session.connect()
+        return session
+
+
+@asynccontextmanager
+async def service_target(
+    name: str, backend: str, store: dict[str, Any], timeout: float
+) -> AsyncIterator[ServiceTarget]:
+    """The service with `backend`, serving on 127.0.0.1 until the block exits."""
+    settings = validate(
+        {
+            "serverAddress": "127.0.0.1:0",
+            "backend": {"type": backend},
+            "store": store,
+            "logger": {"level": "WARNING"},
+            "server": {"shutdownGrace": 1},
+        }
+    )
+    async with running_server(settings) as server:
+        yield ServiceTarget(name, f"127.0.0.1:{server.port}", timeout)
+
+
+# -- the Redis store, called directly --------------------------------------------------
+
+
+class DirectSession:
+    """Calls the shared store object, each call bounded by `timeout` seconds."""
+
+    def __init__(self, store: LockStore, timeout: float) -> None:
+        self._store = store
+        self._timeout = timeout
+
+    async def acquire(self, key: LockKey, client_id: str) -> bool:
+        async with asyncio.timeout(self._timeout):
+            return (await self._store.acquire(key, client_id, TTL_MS)).acquired
+
+    async def keep_alive(self, key: LockKey, client_id: str) -> bool:
+        async with asyncio.timeout(self._timeout):
+            return (await self._store.keep_alive(key, client_id, TTL_MS)).renewed
+
+    async def release(self, key: LockKey, client_id: str) -> bool:
+        async with asyncio.timeout(self._timeout):
+            return await self._store.release(key, client_id)
+
+    async def close(self) -> None:
+        return None
+
+
+class DirectTarget:
+    def __init__(self, name: str, store: LockStore, timeout: float) -> None:
+        self.name = name
+        self._store = store
+        self._timeout = timeout
+
+    async def open_session(self) -> DirectSession:
+        return DirectSession(self._store, self._timeout)
+
+
+@asynccontextmanager
+async def redis_direct_target(
+    url: str, key_prefix: str, timeout: float
+) -> AsyncIterator[DirectTarget]:
+    """One started Redis store shared by all clients, as the service shares its one store."""
+    store = store_class("redis")(RedisSettings(url=url, key_prefix=key_prefix))
+    await store.start()
+    try:
+        yield DirectTarget("redis-direct", store, timeout)
+    finally:
+        await store.close()
+
+
+# -- choosing a target ------------------------------------------------------------------
+
+
+async def delete_keys(url: str, key_prefix: str) -> int:
+    """Delete what a run left in Redis (the fencing counters never expire)."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{key_prefix}:*", count=1000)]
+        return await client.delete(*keys) if keys else 0
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def open_target(
+    name: str, *, redis_url: str | None, run_id: str, timeout: float
+) -> AsyncIterator[Target]:
+    """The target called `name`, ready for sessions until the block exits."""
+    if name == "memory":
+        async with service_target(name, "memory", {}, timeout) as target:
+            yield target
+        return
+    if name not in ("redis", "redis-direct"):
+        raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+    if redis_url is None:
+        raise ValueError(f"target {name!r} needs a Redis URL")
+    key_prefix = f"qq-bench-{run_id}-{name}"
+    try:
+        if name == "redis":
+            store = {"url": redis_url, "key_prefix": key_prefix}
+            async with service_target(name, "redis", store, timeout) as target:
+                yield target
+        else:
+            async with redis_direct_target(redis_url, key_prefix, timeout) as target:
+                yield target
+    finally:
+        await delete_keys(redis_url, key_prefix)

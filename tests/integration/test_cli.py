@@ -1,0 +1,120 @@
+"""`quorum-quest-service` as a user runs it: config paths, errors, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.backends import free_port
+
+
+def service(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "quorum_quest.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_serving(port: int, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 20
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"service exited early: {process.communicate()[1]}")
+            try:
+                health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                return
+            except grpc.RpcError:
+                time.sleep(0.1)
+    raise AssertionError("service did not start serving")
+
+
+@pytest.mark.parametrize("style", ["-config={}", "--config={}", "--config {}"])
+def test_serves_with_go_or_gnu_style_config_flag_and_exits_0_on_sigterm(tmp_path: Path, style: str) -> None:
+    port = free_port()
+    config = tmp_path / "conf.yaml"
+    config.write_text(f'serverAddress: "127.0.0.1:{port}"\nlogger: {{level: LOG_LEVELS_DEBUGLEVEL}}\n')
+    process = service(*style.format(config).split(" "), cwd=tmp_path)
+    try:
+        wait_serving(port, process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert f"config loaded from {config}" in stderr
+    assert "stopped" in stderr
+
+
+def test_directory_config_and_environment_override(tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text('serverAddress: "127.0.0.1:1"\n')
+    process = service(cwd=tmp_path, env={"QUORUMQUEST_SERVERADDRESS": f"127.0.0.1:{port}"})
+    try:
+        wait_serving(port, process)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+
+
+def test_without_a_config_file_it_says_it_uses_the_memory_store(tmp_path: Path) -> None:
+    port = free_port()
+    process = service(cwd=tmp_path, env={"QUORUMQUEST_SERVERADDRESS": f"127.0.0.1:{port}"})
+    try:
+        wait_serving(port, process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert "using the embedded memory store" in stderr
+    assert "with the memory store" in stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("backend: {type: redis}\nstore: {port: nine}\n", "store.port"),
+        ("serverAdress: x\n", "serverAdress: unknown key"),
+        ("backend: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_key_without_traceback(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    process = service(f"-config={config}", cwd=tmp_path)
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 2
+    assert expected in stderr
+    assert "Traceback" not in stderr
+
+
+def test_unreachable_store_exits_1_with_a_clear_message(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f'serverAddress: "127.0.0.1:{free_port()}"\nbackend: {{type: redis}}\n'
+        f"store: {{host: 127.0.0.1, port: {free_port()}, timeout: 0.5}}\n"
+    )
+    process = service(f"-config={config}", cwd=tmp_path)
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 1
+    assert "cannot start: redis store unavailable" in stderr
+    assert "Traceback" not in stderr

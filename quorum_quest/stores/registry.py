@@ -18,8 +18,11 @@ _registered: dict[str, type[LockStore]] = {}
 
 
 class UnknownBackend(LookupError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"unknown backend {name!r}; available: {', '.join(available())}")
+    """No store is registered under `name`, or its module cannot be imported."""
+
+    def __init__(self, name: str, problem: str = "") -> None:
+        message = problem or f"unknown backend {name!r}; available: {', '.join(available())}"
+        super().__init__(message)
         self.name = name
 
 
@@ -43,7 +46,10 @@ def store_class(name: str) -> type[LockStore]:
     if name in _registered:
         return _registered[name]
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
-        store = ep.load()
+        try:
+            store = ep.load()
+        except ImportError as exc:
+            raise UnknownBackend(name, f"backend {name!r} cannot be loaded: {exc}") from exc
         _registered[name] = store
         return store
     raise UnknownBackend(name)

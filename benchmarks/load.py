@@ -51,7 +51,7 @@ class Window:
 
 @dataclass
 class Tally:
-    """What all clients of one cell observed. Errors count for the whole cell, not only the window."""
+    """What all clients of one cell observed; errors count for the whole cell, not the window."""
 
     window: Window
     latencies_ms: dict[str, list[float]] = field(
@@ -155,7 +155,7 @@ async def drive(
     """Run every client; cancel the stragglers after `guard` seconds."""
     loops = [
         run_client(session, key, f"{cell_id}-client-{i}", tally)
-        for i, (session, key) in enumerate(zip(sessions, keys))
+        for i, (session, key) in enumerate(zip(sessions, keys, strict=True))
     ]
     try:
         async with asyncio.timeout(guard):

@@ -235,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = environment(redis_url)
     settings = {key: getattr(args, key) for key in SETTINGS}
     print(
-        f"\n{args.duration:g} s per cell after {args.warmup:g} s warm-up, {args.timeout:g} s per call; "
+        f"\n{args.duration:g} s per cell after {args.warmup:g} s warm-up, "
+        f"{args.timeout:g} s per call; "
         f"{env['cpus']} CPUs shared by clients, service and Redis.\n"
     )
     print(table(results))

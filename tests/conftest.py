@@ -1,3 +1,4 @@
+# ruff: noqa: E402 - backend plugins are imported after registering them for assert rewriting
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -7,11 +8,11 @@ import pytest
 
 pytest.register_assert_rewrite("tests.backends")
 
-from quorum_quest.config.loader import validate  # noqa: E402
+from quorum_quest.config.loader import validate
 from quorum_quest.config.settings import Settings
 from quorum_quest.server import LockServer, running_server
 from quorum_quest.stores import LockStore, store_class
-from tests.backends import plugin_modules  # noqa: E402
+from tests.backends import plugin_modules
 
 _PLUGINS = plugin_modules()
 pytest_plugins = [module.__name__ for module in _PLUGINS]

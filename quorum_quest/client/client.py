@@ -97,7 +97,9 @@ class QuorumQuestClient:
         if not 0 <= self.safety_margin < self.ttl / 2:
             raise InvalidArgument("safety_margin", "must be at least 0 and below ttl / 2")
         if not 0 < self.keep_alive_interval < self.ttl - self.safety_margin:
-            raise InvalidArgument("keep_alive_interval", "must be positive and below ttl - safety_margin")
+            raise InvalidArgument(
+                "keep_alive_interval", "must be positive and below ttl - safety_margin"
+            )
         if self.rpc_timeout <= 0:
             raise InvalidArgument("rpc_timeout", "must be positive")
         self._channel: grpc.aio.Channel | None = None
@@ -134,7 +136,9 @@ class QuorumQuestClient:
             try:
                 await self.release_lock()
             except (ServiceUnavailable, InvalidArgument) as exc:
-                logger.warning("could not release {}/{} on close: {}", self.service, self.domain, exc)
+                logger.warning(
+                    "could not release {}/{} on close: {}", self.service, self.domain, exc
+                )
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub = None
@@ -163,7 +167,9 @@ class QuorumQuestClient:
             if inspect.isawaitable(result):
                 await result
         except Exception:
-            logger.exception("leadership callback {} failed", getattr(callback, "__name__", callback))
+            logger.exception(
+                "leadership callback {} failed", getattr(callback, "__name__", callback)
+            )
 
     # -- the Go client's calls ----------------------------------------------------
 
@@ -254,7 +260,9 @@ class QuorumQuestClient:
         self.stop_keep_alive()
         response = await self._call(
             self.stub.release_lock,
-            pb.ReleaseLockRequest(service=self.service, domain=self.domain, client_id=self.client_id),
+            pb.ReleaseLockRequest(
+                service=self.service, domain=self.domain, client_id=self.client_id
+            ),
         )
         await self._drop_lease()
         return response.released
@@ -318,7 +326,9 @@ class QuorumQuestClient:
                     try:
                         await self.release_lock()
                     except (ServiceUnavailable, InvalidArgument) as exc:
-                        logger.warning("could not release {}/{}: {}", self.service, self.domain, exc)
+                        logger.warning(
+                            "could not release {}/{}: {}", self.service, self.domain, exc
+                        )
                 elif self._lease is lease:
                     await self._drop_lease()
         if lost is not None:

@@ -41,7 +41,7 @@ class Lease:
         return time.monotonic() < self._deadline
 
     def ensure_valid(self) -> None:
-        """Raise `LeadershipLost` if the lease can no longer be guaranteed; call before a side effect."""
+        """Raise `LeadershipLost` unless the lease still holds; call it before a side effect."""
         if not self.is_valid:
             raise LeadershipLost(f"lease on {self.service}/{self.domain} expired")
 
@@ -59,7 +59,9 @@ Renew = Callable[[float], Awaitable["tuple[float, int] | None"]]
 RETRY_FIRST_S = 0.05
 
 
-async def keep_alive(lease: Lease, renew: Renew, *, interval: float, margin: float, rpc_timeout: float) -> str:
+async def keep_alive(
+    lease: Lease, renew: Renew, *, interval: float, margin: float, rpc_timeout: float
+) -> str:
     """Renew `lease` every `interval` seconds until it is lost; return why it was lost.
 
     A failed call is retried with backoff for as long as the lease is still valid;

@@ -51,7 +51,9 @@ def read_yaml(file: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise ConfigError("", f"{file} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+        raise ConfigError(
+            "", f"{file} is not valid YAML{at}: {getattr(exc, 'problem', exc)}"
+        ) from exc
     if document is None:
         return {}
     if not isinstance(document, dict):
@@ -77,7 +79,9 @@ def validate(raw: dict[str, Any]) -> Settings:
         raise _config_error(exc, prefix="store") from None
     if store.ttl > settings.server.maxTtl:
         raise ConfigError(
-            "store.ttl", f"the default lease ({store.ttl} s) is above server.maxTtl ({settings.server.maxTtl:g} s)"
+            "store.ttl",
+            f"the default lease ({store.ttl} s) is above "
+            f"server.maxTtl ({settings.server.maxTtl:g} s)",
         )
     return settings
 

@@ -49,7 +49,9 @@ class LoggerSettings(_Section):
             level = level[len("LOG_LEVELS_") : -len("LEVEL")]
         level = _LEVEL_ALIASES.get(level, level)
         if level not in _LOG_LEVELS:
-            raise ValueError(f"unknown level {value!r}; use one of {', '.join(sorted(_LOG_LEVELS))}")
+            raise ValueError(
+                f"unknown level {value!r}; use one of {', '.join(sorted(_LOG_LEVELS))}"
+            )
         return level
 
 

@@ -81,10 +81,10 @@ class LockStore(ABC):
     def __init__(self, settings: StoreSettings) -> None:
         self.settings = settings
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect and prepare the backend; raise `StoreUnavailable` if it cannot be reached."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections. The store is not used afterwards."""
 
     @abstractmethod

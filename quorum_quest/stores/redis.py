@@ -118,28 +118,38 @@ class RedisStore(LockStore):
 
     def __init__(self, settings: RedisSettings) -> None:
         super().__init__(settings)
+        # A blocking pool: past `max_connections` a call waits (up to `timeout`) for a
+        # free connection instead of failing at once with "Too many connections".
         options: dict[str, Any] = {
             "socket_timeout": settings.timeout,
             "socket_connect_timeout": settings.timeout,
             "max_connections": settings.max_connections,
+            "timeout": settings.timeout,
             "password": settings.password or None,
             "username": settings.username or None,
         }
         if settings.url:
-            self._redis = aioredis.Redis.from_url(settings.url, **options)
+            self._pool = aioredis.BlockingConnectionPool.from_url(settings.url, **options)
             self._where = settings.url.rsplit("@", 1)[-1]
         else:
-            self._redis = aioredis.Redis(
-                host=settings.host, port=settings.port, db=settings.db, ssl=settings.tls, **options
+            connection = aioredis.SSLConnection if settings.tls else aioredis.Connection
+            self._pool = aioredis.BlockingConnectionPool(
+                host=settings.host,
+                port=settings.port,
+                db=settings.db,
+                connection_class=connection,
+                **options,
             )
             self._where = f"{settings.host}:{settings.port}/{settings.db}"
+        self._redis = aioredis.Redis(connection_pool=self._pool)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._keep_alive = self._redis.register_script(_KEEP_ALIVE)
         self._release = self._redis.register_script(_RELEASE)
         self._get_leader = self._redis.register_script(_GET_LEADER)
 
     def _lock_key(self, key: LockKey) -> str:
-        return f"{self.settings.key_prefix}:{{{quote(key.service, safe='')}:{quote(key.domain, safe='')}}}"
+        name = f"{quote(key.service, safe='')}:{quote(key.domain, safe='')}"
+        return f"{self.settings.key_prefix}:{{{name}}}"
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -152,6 +162,7 @@ class RedisStore(LockStore):
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._pool.aclose()
 
     async def ping(self) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -107,3 +108,17 @@ async def test_tokens_keep_rising_after_the_data_is_lost() -> None:
 def test_key_prefix_with_braces_is_rejected() -> None:
     with pytest.raises(ValueError, match="key_prefix"):
         RedisSettings(key_prefix="a{b}")
+
+
+async def test_more_concurrent_calls_than_connections_wait_for_a_connection(
+    redis_url: str, prefix: str
+) -> None:
+    store = make_store(url=redis_url, key_prefix=prefix, max_connections=4)
+    await store.start()
+    try:
+        results = await asyncio.gather(
+            *(store.acquire(LockKey("svc", f"d{n}"), "alice", 10_000) for n in range(100))
+        )
+    finally:
+        await store.close()
+    assert all(result.acquired for result in results)

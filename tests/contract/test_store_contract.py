@@ -133,14 +133,12 @@ async def test_tokens_strictly_increase_across_release_and_expiry(store: LockSto
     await expire()
     after_expiry = await store.acquire(key, "later", LONG_MS)
     tokens += [expiring.token, after_expiry.token]
-    assert all(a < b for a, b in zip(tokens, tokens[1:])), tokens
+    assert all(a < b for a, b in zip(tokens, tokens[1:], strict=False)), tokens
 
 
 async def test_concurrent_acquires_grant_exactly_one(store: LockStore) -> None:
     key = fresh_key()
-    results = await asyncio.gather(
-        *(store.acquire(key, f"client-{n}", LONG_MS) for n in range(25))
-    )
+    results = await asyncio.gather(*(store.acquire(key, f"client-{n}", LONG_MS) for n in range(25)))
     winners = [r for r in results if r.acquired]
     assert len(winners) == 1
     assert {r.holder for r in results} == {winners[0].holder}

@@ -43,10 +43,14 @@ def wait_serving(port: int, process: subprocess.Popen[str]) -> None:
 
 
 @pytest.mark.parametrize("style", ["-config={}", "--config={}", "--config {}"])
-def test_serves_with_go_or_gnu_style_config_flag_and_exits_0_on_sigterm(tmp_path: Path, style: str) -> None:
+def test_serves_with_go_or_gnu_style_config_flag_and_exits_0_on_sigterm(
+    tmp_path: Path, style: str
+) -> None:
     port = free_port()
     config = tmp_path / "conf.yaml"
-    config.write_text(f'serverAddress: "127.0.0.1:{port}"\nlogger: {{level: LOG_LEVELS_DEBUGLEVEL}}\n')
+    config.write_text(
+        f'serverAddress: "127.0.0.1:{port}"\nlogger: {{level: LOG_LEVELS_DEBUGLEVEL}}\n'
+    )
     process = service(*style.format(config).split(" "), cwd=tmp_path)
     try:
         wait_serving(port, process)

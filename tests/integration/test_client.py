@@ -44,9 +44,10 @@ async def test_go_style_acquire_keep_alive_release(address: str) -> None:
 
 async def test_follower_sees_leader_then_takes_over_after_release(address: str) -> None:
     domain = lock_name()
-    async with QuorumQuestClient("svc", domain, 5, address) as leader, QuorumQuestClient(
-        "svc", domain, 5, address
-    ) as follower:
+    async with (
+        QuorumQuestClient("svc", domain, 5, address) as leader,
+        QuorumQuestClient("svc", domain, 5, address) as follower,
+    ):
         assert await leader.try_acquire_lock()
         assert not await follower.try_acquire_lock()
         first = leader.lease.fencing_token
@@ -72,7 +73,7 @@ async def test_two_clients_never_both_lead(address: str) -> None:
     await asyncio.gather(*(contender(n) for n in range(3)))
     intervals.sort()
     assert len(intervals) == 12
-    for (_, end, token), (next_start, _, next_token) in zip(intervals, intervals[1:]):
+    for (_, end, token), (next_start, _, next_token) in zip(intervals, intervals[1:], strict=False):
         assert end <= next_start
         assert next_token > token
 
@@ -81,9 +82,10 @@ async def test_unrenewed_lease_expires_and_another_takes_over_with_larger_token(
     address: str,
 ) -> None:
     domain = lock_name()
-    async with QuorumQuestClient("svc", domain, 0.4, address) as first, QuorumQuestClient(
-        "svc", domain, 0.4, address
-    ) as second:
+    async with (
+        QuorumQuestClient("svc", domain, 0.4, address) as first,
+        QuorumQuestClient("svc", domain, 0.4, address) as second,
+    ):
         assert await first.try_acquire_lock()  # and no keep-alive
         token = first.lease.fencing_token
         started = time.monotonic()
@@ -96,16 +98,19 @@ async def test_unrenewed_lease_expires_and_another_takes_over_with_larger_token(
 
 async def test_leadership_times_out_when_someone_else_leads(address: str) -> None:
     domain = lock_name()
-    async with QuorumQuestClient("svc", domain, 10, address) as holder, QuorumQuestClient(
-        "svc", domain, 10, address
-    ) as waiter:
+    async with (
+        QuorumQuestClient("svc", domain, 10, address) as holder,
+        QuorumQuestClient("svc", domain, 10, address) as waiter,
+    ):
         assert await holder.try_acquire_lock()
         with pytest.raises(TimeoutError):
             async with waiter.leadership(timeout=0.5):
                 pytest.fail("must not lead")
 
 
-async def test_leadership_body_is_cancelled_when_the_service_refuses_renewal(server, address) -> None:
+async def test_leadership_body_is_cancelled_when_the_service_refuses_renewal(
+    server, address
+) -> None:
     domain = lock_name()
     client = QuorumQuestClient("svc", domain, 0.6, address)
     body_cancelled = False

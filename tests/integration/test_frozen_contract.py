@@ -24,11 +24,16 @@ def frozen(tmp_path_factory: pytest.TempPathFactory):
     package.mkdir()
     shutil.copy(FROZEN / "quorum_quest_api.proto", package)
     include = Path(grpc_tools.__file__).parent / "_proto"
-    status = protoc.main([
-        "protoc", f"-I{out}", f"-I{include}",
-        f"--python_out={out}", f"--grpc_python_out={out}",
-        str(package / "quorum_quest_api.proto"),
-    ])
+    status = protoc.main(
+        [
+            "protoc",
+            f"-I{out}",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            str(package / "quorum_quest_api.proto"),
+        ]
+    )
     assert status == 0
     sys.path.insert(0, str(out))
     try:
@@ -47,18 +52,26 @@ async def test_frozen_client_acquires_keeps_alive_and_releases(frozen, address: 
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = pb2_grpc.LeaderElectionServiceStub(channel)
         lock = {"service": "legacy", "domain": domain}
-        acquired = await stub.TryAcquireLock(pb2.TryAcquireLockRequest(client_id="old-go", ttl=10, **lock))
+        acquired = await stub.TryAcquireLock(
+            pb2.TryAcquireLockRequest(client_id="old-go", ttl=10, **lock)
+        )
         assert acquired.is_leader
-        again = await stub.TryAcquireLock(pb2.TryAcquireLockRequest(client_id="old-go", ttl=10, **lock))
+        again = await stub.TryAcquireLock(
+            pb2.TryAcquireLockRequest(client_id="old-go", ttl=10, **lock)
+        )
         assert again.is_leader  # the holder's re-acquire refreshes
-        other = await stub.TryAcquireLock(pb2.TryAcquireLockRequest(client_id="other", ttl=10, **lock))
+        other = await stub.TryAcquireLock(
+            pb2.TryAcquireLockRequest(client_id="other", ttl=10, **lock)
+        )
         assert not other.is_leader
         alive = await stub.KeepAlive(pb2.KeepAliveRequest(client_id="old-go", ttl=10, **lock))
         assert alive.lease_length.seconds == 10
         refused = await stub.KeepAlive(pb2.KeepAliveRequest(client_id="other", ttl=10, **lock))
         assert refused.lease_length.seconds == -1
         await stub.ReleaseLock(pb2.ReleaseLockRequest(client_id="old-go", **lock))
-        after = await stub.TryAcquireLock(pb2.TryAcquireLockRequest(client_id="other", ttl=10, **lock))
+        after = await stub.TryAcquireLock(
+            pb2.TryAcquireLockRequest(client_id="other", ttl=10, **lock)
+        )
         assert after.is_leader
 
 
@@ -67,5 +80,7 @@ async def test_frozen_client_sees_real_errors_not_false_leadership(frozen, addre
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb2_grpc.LeaderElectionServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.TryAcquireLock(pb2.TryAcquireLockRequest(service="", domain="d", client_id="c"))
+            await stub.TryAcquireLock(
+                pb2.TryAcquireLockRequest(service="", domain="d", client_id="c")
+            )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

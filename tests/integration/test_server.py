@@ -99,8 +99,10 @@ async def test_zero_ttl_means_the_configured_default(stub: LeaderElectionStub) -
 async def test_bad_acquire_is_invalid_argument_naming_the_field(
     stub: LeaderElectionStub, fields: dict[str, object], field: str
 ) -> None:
-    request = acquire_request(**fields) if "client_id" not in fields else acquire_request(
-        fields["client_id"]
+    request = (
+        acquire_request(**fields)
+        if "client_id" not in fields
+        else acquire_request(fields["client_id"])
     )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.try_acquire_lock(request)
@@ -189,7 +191,9 @@ async def _wait_for_health(health: health_pb2_grpc.HealthStub, status: int) -> N
     raise AssertionError(f"health never became {status}")
 
 
-async def test_caller_deadline_is_deadline_exceeded(server: LockServer, stub: LeaderElectionStub) -> None:
+async def test_caller_deadline_is_deadline_exceeded(
+    server: LockServer, stub: LeaderElectionStub
+) -> None:
     class SlowStore:
         backend = "slow"
 
@@ -206,7 +210,9 @@ async def test_caller_deadline_is_deadline_exceeded(server: LockServer, stub: Le
         server.runtime.store = real
 
 
-async def test_shutdown_refuses_new_calls_and_finishes_in_flight_ones(backend, store_config) -> None:
+async def test_shutdown_refuses_new_calls_and_finishes_in_flight_ones(
+    backend, store_config
+) -> None:
     settings = make_settings(backend, store_config, server={"shutdownGrace": 3})
     entered = asyncio.Event()
 
@@ -220,11 +226,15 @@ async def test_shutdown_refuses_new_calls_and_finishes_in_flight_ones(backend, s
 
         server.runtime.store.acquire = slow_acquire
         chan = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-        in_flight = asyncio.ensure_future(LeaderElectionStub(chan).try_acquire_lock(acquire_request()))
+        in_flight = asyncio.ensure_future(
+            LeaderElectionStub(chan).try_acquire_lock(acquire_request())
+        )
         await entered.wait()
     # running_server has exited: it waited for the call in flight.
     assert (await in_flight).is_leader
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await LeaderElectionStub(chan).get_leader(pb.GetLeaderRequest(service="s", domain="d"), timeout=1)
+        await LeaderElectionStub(chan).get_leader(
+            pb.GetLeaderRequest(service="s", domain="d"), timeout=1
+        )
     assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     await chan.close()

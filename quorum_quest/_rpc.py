@@ -31,7 +31,9 @@ class Method:
 
 
 METHODS = (
-    Method("TryAcquireLock", "try_acquire_lock", pb.TryAcquireLockRequest, pb.TryAcquireLockResponse),
+    Method(
+        "TryAcquireLock", "try_acquire_lock", pb.TryAcquireLockRequest, pb.TryAcquireLockResponse
+    ),
     Method("ReleaseLock", "release_lock", pb.ReleaseLockRequest, pb.ReleaseLockResponse),
     Method("KeepAlive", "keep_alive", pb.KeepAliveRequest, pb.KeepAliveResponse),
     Method("GetLeader", "get_leader", pb.GetLeaderRequest, pb.GetLeaderResponse),

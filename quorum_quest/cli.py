@@ -30,7 +30,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="quorum-quest-service", description="Quorum Quest distributed lock service"
     )
     parser.add_argument(
-        "-config", "--config", dest="config", type=Path, default=DEFAULT_PATH,
+        "-config",
+        "--config",
+        dest="config",
+        type=Path,
+        default=DEFAULT_PATH,
         help="config file, or a directory holding config.yaml (default: ./config)",
     )
     return parser

@@ -31,14 +31,19 @@ def generate(output: Path) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         subprocess.run(
             [
-                sys.executable, "-m", "grpc_tools.protoc",
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
                 f"--proto_path={PROTOS}",
                 f"--plugin=protoc-gen-python_betterproto2={plugin}",
                 f"--python_betterproto2_out={scratch}",
                 f"--python_betterproto2_opt={PLUGIN_OPTIONS}",
                 *sources,
             ],
-            check=True, cwd=PROTOS, env=env, stdout=subprocess.DEVNULL,
+            check=True,
+            cwd=PROTOS,
+            env=env,
+            stdout=subprocess.DEVNULL,
         )
         if output.exists():
             shutil.rmtree(output)

@@ -77,7 +77,9 @@ class LockServer:
         self._probe = asyncio.get_running_loop().create_task(self._probe_store())
         logger.info(
             "serving on {} (port {}) with the {} store",
-            self.settings.serverAddress, self.port, store.backend,
+            self.settings.serverAddress,
+            self.port,
+            store.backend,
         )
 
     async def stop(self) -> None:

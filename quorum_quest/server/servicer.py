@@ -102,7 +102,11 @@ class LeaderElectionServicer:
         if not result.refreshed:
             logger.info(
                 "lock acquired: service={} domain={} client_id={} token={} ttl_ms={}",
-                key.service, key.domain, client_id, result.token, ttl_ms,
+                key.service,
+                key.domain,
+                client_id,
+                result.token,
+                ttl_ms,
             )
         return pb.TryAcquireLockResponse(
             is_leader=True,
@@ -122,7 +126,9 @@ class LeaderElectionServicer:
         if not result.renewed:
             logger.info(
                 "lock lost: keep-alive refused, service={} domain={} client_id={}",
-                key.service, key.domain, client_id,
+                key.service,
+                key.domain,
+                client_id,
             )
             return pb.KeepAliveResponse(lease_length=NOT_HOLDER)
         return pb.KeepAliveResponse(
@@ -139,7 +145,9 @@ class LeaderElectionServicer:
         if released:
             logger.info(
                 "lock released: service={} domain={} client_id={}",
-                key.service, key.domain, client_id,
+                key.service,
+                key.domain,
+                client_id,
             )
         return pb.ReleaseLockResponse(released=released)
 

@@ -46,8 +46,17 @@ class RedisProcess:
             raise RuntimeError("redis-server is not on PATH (run the README's test command)")
         self.process = subprocess.Popen(
             [
-                binary, "--bind", "127.0.0.1", "--port", str(self.port),
-                "--save", "", "--appendonly", "no", "--dir", self.workdir,
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.workdir,
                 *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,

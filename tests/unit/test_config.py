@@ -27,7 +27,11 @@ def test_the_seed_readme_examples_load_as_written(name: str) -> None:
     store = settings.store_settings()
     assert settings.backend.type == "redis"
     assert (store.host, store.port, store.db, store.ttl, store.key_prefix) == (
-        "localhost", 6379, 0, 15, "lock",
+        "localhost",
+        6379,
+        0,
+        15,
+        "lock",
     )
 
 
@@ -61,7 +65,12 @@ def test_the_seed_readme_environment_overrides_win_over_the_file() -> None:
     )
     store = settings.store_settings()
     assert settings.serverAddress == "0.0.0.0:5050"
-    assert (store.host, store.port, store.ttl, store.key_prefix) == ("redis.example.com", 6379, 30, "other")
+    assert (store.host, store.port, store.ttl, store.key_prefix) == (
+        "redis.example.com",
+        6379,
+        30,
+        "other",
+    )
     assert settings.logger.level == "DEBUG"
     assert LeasePolicy.from_settings(settings) == LeasePolicy(30_000, 60_000)
 
@@ -77,7 +86,11 @@ def test_environment_key_matching_ignores_case_and_underscores(tmp_path: Path) -
 
 
 def test_environment_can_switch_the_backend(tmp_path: Path) -> None:
-    settings = load("store: {ttl: 5}\n", tmp_path, {"QUORUMQUEST_BACKEND_TYPE": "redis", "QUORUMQUEST_STORE_PORT": "7000"})
+    settings = load(
+        "store: {ttl: 5}\n",
+        tmp_path,
+        {"QUORUMQUEST_BACKEND_TYPE": "redis", "QUORUMQUEST_STORE_PORT": "7000"},
+    )
     assert settings.backend.type == "redis"
     assert settings.store_settings().port == 7000
 
@@ -109,7 +122,12 @@ def test_log_levels_accept_the_original_names(tmp_path: Path, level: str, expect
         ("server: {maxTtl: 0}\n", {}, "server.maxTtl", "greater than 0"),
         ("store: {ttl: 7200}\n", {}, "store.ttl", "server.maxTtl"),
         ("backend: {type: redis}\nstore: {key_prefix: 'a{b'}\n", {}, "store.key_prefix", "'{'"),
-        ("", {"QUORUMQUEST_STORE_PORT": "x", "QUORUMQUEST_BACKEND_TYPE": "redis"}, "store.port", "integer"),
+        (
+            "",
+            {"QUORUMQUEST_STORE_PORT": "x", "QUORUMQUEST_BACKEND_TYPE": "redis"},
+            "store.port",
+            "integer",
+        ),
         ("", {"QUORUMQUEST_NOPE": "x"}, "QUORUMQUEST_NOPE", "no known key"),
     ],
 )

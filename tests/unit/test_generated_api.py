@@ -10,7 +10,9 @@ ROOT = Path(__file__).parents[2]
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("generate_api", ROOT / "scripts" / "generate_api.py")
+    spec = importlib.util.spec_from_file_location(
+        "generate_api", ROOT / "scripts" / "generate_api.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -19,7 +21,9 @@ def _generator():
 def _differences(left: Path, right: Path) -> list[str]:
     comparison = filecmp.dircmp(left, right, ignore=["__pycache__"])
     found = [*comparison.left_only, *comparison.right_only, *comparison.diff_files]
-    found += [f for f in comparison.common_files if not filecmp.cmp(left / f, right / f, shallow=False)]
+    found += [
+        f for f in comparison.common_files if not filecmp.cmp(left / f, right / f, shallow=False)
+    ]
     for sub in comparison.common_dirs:
         found += [f"{sub}/{name}" for name in _differences(left / sub, right / sub)]
     return sorted(set(found))

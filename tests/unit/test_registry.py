@@ -38,4 +38,7 @@ def test_the_service_and_config_import_no_concrete_store() -> None:
     for module in [*root.joinpath("server").glob("*.py"), *root.joinpath("config").glob("*.py")]:
         for node in ast.walk(ast.parse(module.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
-                assert node.module not in {"quorum_quest.stores.memory", "quorum_quest.stores.redis"}, module
+                assert node.module not in {
+                    "quorum_quest.stores.memory",
+                    "quorum_quest.stores.redis",
+                }, module

@@ -27,7 +27,7 @@ import redis
 
 from benchmarks.load import SCENARIOS, LoadSettings, run_cell
 from benchmarks.redis_process import RedisProcess
-from benchmarks.targets import TARGETS, open_target
+from benchmarks.targets import TARGETS, WHERE, open_target
 from quorum_quest.config.settings import LoggerSettings
 from quorum_quest.telemetry.logging import configure_logging
 
@@ -234,13 +234,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = asyncio.run(run_all(args, redis_url))
         env = environment(redis_url)
     settings = {key: getattr(args, key) for key in SETTINGS}
+    where = {name: WHERE[name] for name in args.targets}
     print(
         f"\n{args.duration:g} s per cell after {args.warmup:g} s warm-up, "
-        f"{args.timeout:g} s per call; "
-        f"{env['cpus']} CPUs shared by clients, service and Redis.\n"
+        f"{args.timeout:g} s per call; {env['cpus']} CPUs shared by the load-generating "
+        "process, the service process and redis-server.\n"
     )
+    print("\n".join(f"- {name}: {text}" for name, text in where.items()) + "\n")
     print(table(results))
-    document = {"started": started.isoformat(), "settings": settings, "environment": env}
+    document = {
+        "started": started.isoformat(),
+        "settings": settings,
+        "environment": env,
+        "targets": where,
+    }
     path = write_json({**document, "results": results}, started)
     print(f"\nresults written to {path}", file=sys.stderr)
     return 0

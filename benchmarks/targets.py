@@ -5,29 +5,46 @@
 - `redis-direct`: the Redis store class called in-process, no gRPC and no service:
   the same Lua scripts on the same Redis, i.e. the floor the `redis` target sits on.
 
-The service runs in this process, on this event loop, on 127.0.0.1 with a free port.
-Each benchmark client gets its own grpc.aio channel (its own TCP connection) and
-calls the raw `LeaderElectionStub`, so no SDK sleeps or retries are measured.
+The service runs as its own process, as a user runs it: `quorum-quest-service
+-config=<file>` with a YAML file written to a temp dir, on 127.0.0.1 with a free port,
+one process per target. Each benchmark client gets its own grpc.aio channel (its own
+TCP connection) and calls the raw `LeaderElectionStub`, so no SDK sleeps or retries
+are measured. `redis-direct` stays in the benchmark process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
 import redis.asyncio as aioredis
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.redis_process import free_port
 from quorum_quest._rpc import LeaderElectionStub, pb
-from quorum_quest.config.loader import validate
-from quorum_quest.server.app import running_server
 from quorum_quest.stores import LockKey, LockStore, store_class
 from quorum_quest.stores.redis import RedisSettings
 
 TARGETS = ("memory", "redis", "redis-direct")
+# Where each target's code runs, for the printed header and the JSON file.
+WHERE = {
+    "memory": "service in its own process (quorum-quest-service -config=<file>)",
+    "redis": "service in its own process (quorum-quest-service -config=<file>)",
+    "redis-direct": "store called in the benchmark process, no gRPC",
+}
+SERVICE_START_TIMEOUT_S = 30.0  # until the health check answers SERVING
+SERVICE_STOP_TIMEOUT_S = 15.0  # after SIGTERM, before SIGKILL
 TTL_MS = 10_000  # far longer than a cycle: a lease never expires under the benchmark
 
 # A local subchannel pool gives every channel its own connection instead of
@@ -106,22 +123,69 @@ class ServiceTarget:
         return session
 
 
+def service_command(config: Path) -> list[str]:
+    """The console script next to this interpreter, or `python -m quorum_quest.cli`."""
+    script = Path(sys.executable).with_name("quorum-quest-service")
+    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "quorum_quest.cli"]
+    return [*launcher, f"-config={config}"]
+
+
+async def wait_serving(process: asyncio.subprocess.Process, address: str) -> None:
+    """Poll the gRPC health check (service "") until it answers SERVING."""
+    deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.returncode is not None:
+                raise RuntimeError(f"the service exited with code {process.returncode}")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"the service on {address} was not SERVING in {SERVICE_START_TIMEOUT_S} s")
+
+
+async def stop_service(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM and wait for the exit; SIGKILL after `SERVICE_STOP_TIMEOUT_S`."""
+    if process.returncode is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), SERVICE_STOP_TIMEOUT_S)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
 @asynccontextmanager
 async def service_target(
     name: str, backend: str, store: dict[str, Any], timeout: float
 ) -> AsyncIterator[ServiceTarget]:
-    """The service with `backend`, serving on 127.0.0.1 until the block exits."""
-    settings = validate(
-        {
-            "serverAddress": "127.0.0.1:0",
-            "backend": {"type": backend},
-            "store": store,
-            "logger": {"level": "WARNING"},
-            "server": {"shutdownGrace": 1},
-        }
-    )
-    async with running_server(settings) as server:
-        yield ServiceTarget(name, f"127.0.0.1:{server.port}", timeout)
+    """The service with `backend` in its own process on 127.0.0.1 until the block exits."""
+    address = f"127.0.0.1:{free_port()}"
+    config = {
+        "serverAddress": address,
+        "backend": {"type": backend},
+        "store": store,
+        "logger": {"level": "WARNING"},
+    }
+    # The file is the whole config: no QUORUMQUEST_* variable from this shell overrides it.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("QUORUMQUEST_")}
+    with tempfile.TemporaryDirectory(prefix="qq-bench-service-") as workdir:
+        config_file = Path(workdir) / "config.yaml"
+        config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
+        # stdout is dropped to keep the table clean; the service logs to stderr.
+        process = await asyncio.create_subprocess_exec(
+            *service_command(config_file), stdout=asyncio.subprocess.DEVNULL, env=env
+        )
+        try:
+            await wait_serving(process, address)
+            yield ServiceTarget(name, address, timeout)
+        finally:
+            await stop_service(process)
 
 
 # -- the Redis store, called directly --------------------------------------------------

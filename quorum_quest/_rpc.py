@@ -37,6 +37,7 @@ METHODS = (
     Method("ReleaseLock", "release_lock", pb.ReleaseLockRequest, pb.ReleaseLockResponse),
     Method("KeepAlive", "keep_alive", pb.KeepAliveRequest, pb.KeepAliveResponse),
     Method("GetLeader", "get_leader", pb.GetLeaderRequest, pb.GetLeaderResponse),
+    Method("GetStatus", "get_status", pb.GetStatusRequest, pb.GetStatusResponse),
 )
 
 
@@ -60,6 +61,7 @@ class LeaderElectionStub:
     release_lock: grpc.aio.UnaryUnaryMultiCallable
     keep_alive: grpc.aio.UnaryUnaryMultiCallable
     get_leader: grpc.aio.UnaryUnaryMultiCallable
+    get_status: grpc.aio.UnaryUnaryMultiCallable
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         for method in METHODS:

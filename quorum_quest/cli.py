@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         logger.info("config loaded from {}", file)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, file))
     except StoreUnavailable as exc:
         logger.error("cannot start: {}", exc)
         return EXIT_STORE

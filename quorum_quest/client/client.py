@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import grpc
 from loguru import logger
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from quorum_quest._rpc import LeaderElectionStub, pb
 from quorum_quest.client.lease import Lease, keep_alive
@@ -113,7 +114,11 @@ class QuorumQuestClient:
     @property
     def stub(self) -> LeaderElectionStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            # Client spans and W3C trace context, whenever the application configured
+            # OpenTelemetry (without it the global tracer is a no-op).
+            self._channel = grpc.aio.insecure_channel(
+                self.address, options=CHANNEL_OPTIONS, interceptors=aio_client_interceptors()
+            )
             self._stub = LeaderElectionStub(self._channel)
         return self._stub
 

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from loguru import logger
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from prometheus_client import CollectorRegistry, start_http_server
 
 from quorum_quest._rpc import SERVICE_NAME, service_handler
 from quorum_quest.api.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from quorum_quest.config.settings import Settings
-from quorum_quest.errors import StoreUnavailable
-from quorum_quest.server.runtime import Runtime, create_store
+from quorum_quest.config.watch import watch_settings
+from quorum_quest.errors import ConfigError, StoreUnavailable
+from quorum_quest.server.runtime import LeaseBook, Runtime, Snapshot, create_store
 from quorum_quest.server.servicer import LeaderElectionServicer
+from quorum_quest.stores import LockStore
+from quorum_quest.telemetry.logging import configure_logging
+from quorum_quest.telemetry.telemetry import CurrentTracerProvider, Telemetry
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -39,24 +47,45 @@ def bind_address(address: str) -> str:
 
 
 class LockServer:
-    """One service instance: the grpc.aio server, its health service and its store probe.
+    """One service instance: the grpc.aio server, health, store probe and config watch.
 
     `start()` connects the store and begins serving; `stop()` shuts down gracefully:
     health goes NOT_SERVING, new calls are refused, in-flight calls get
-    `server.shutdownGrace` seconds, then the store is closed. The store probe task
-    belongs to the server and ends with it.
+    `server.shutdownGrace` seconds, then the store is closed. The store probe and
+    the config watch are tasks the server owns; they end with it.
     """
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.runtime = Runtime(settings, create_store(settings))
+    def __init__(self, settings: Settings, config_file: Path | None = None) -> None:
+        self.config_file = config_file
         self.health = health.aio.HealthServicer()
         self.port = 0
-        self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
-        self._probe: asyncio.Task[None] | None = None
+        self._prometheus = CollectorRegistry() if settings.observability.prometheusPort else None
+        self.runtime = Runtime(
+            Snapshot(settings, create_store(settings), self._telemetry(settings)),
+            LeaseBook(),
+            started=time.monotonic(),
+        )
+        tracer_provider = CurrentTracerProvider(lambda: self.runtime.current.telemetry)
+        self._server = grpc.aio.server(
+            options=CHANNEL_OPTIONS,
+            interceptors=[aio_server_interceptor(tracer_provider=tracer_provider)],
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.current.settings
+
+    def _telemetry(self, settings: Settings) -> Telemetry:
+        return Telemetry(
+            settings.observability,
+            held_leases=lambda: len(self.runtime.leases),
+            reloads=lambda: dict(self.runtime.reloads),
+            prometheus=self._prometheus,
+        )
 
     async def start(self) -> None:
-        store = self.runtime.store
+        store = self.runtime.current.store
         await store.start()
         try:
             self._server.add_generic_rpc_handlers(
@@ -70,11 +99,18 @@ class LockServer:
             )
             self.port = self._server.add_insecure_port(bind_address(self.settings.serverAddress))
             await self._server.start()
+            if self._prometheus is not None:
+                port = self.settings.observability.prometheusPort
+                start_http_server(port, registry=self._prometheus)
+                logger.info("Prometheus metrics on port {}", port)
         except BaseException:
             await store.close()
             raise
         await self._set_health(SERVING)
-        self._probe = asyncio.get_running_loop().create_task(self._probe_store())
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._probe_store()))
+        if self.config_file is not None:
+            self._tasks.append(loop.create_task(self._watch_config(self.config_file)))
         logger.info(
             "serving on {} (port {}) with the {} store",
             self.settings.serverAddress,
@@ -83,13 +119,15 @@ class LockServer:
         )
 
     async def stop(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            await asyncio.gather(self._probe, return_exceptions=True)
-            self._probe = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(self.settings.server.shutdownGrace)
-        await self.runtime.store.close()
+        current = self.runtime.current
+        await self._server.stop(current.settings.server.shutdownGrace)
+        await current.store.close()
+        await asyncio.to_thread(current.telemetry.shutdown)
         logger.info("stopped")
 
     async def _set_health(self, status: int) -> None:
@@ -97,30 +135,105 @@ class LockServer:
             await self.health.set(name, status)
 
     async def _probe_store(self) -> None:
-        """Keep health SERVING exactly while the store answers its ping."""
-        interval = self.settings.server.healthInterval
-        serving = True
+        """Keep health SERVING exactly while the store in force answers its ping."""
+        runtime = self.runtime
         while True:
+            interval = runtime.current.settings.server.healthInterval
             await asyncio.sleep(interval)
             try:
                 async with asyncio.timeout(interval):
-                    await self.runtime.store.ping()
+                    await runtime.current.store.ping()
                 ok = True
             except (StoreUnavailable, TimeoutError) as exc:
                 ok = False
-                if serving:
+                if runtime.store_reachable:
                     logger.error("store stopped answering, health is NOT_SERVING: {}", exc)
-            if ok and not serving:
+            if ok and not runtime.store_reachable:
                 logger.info("store answers again, health is SERVING")
-            if ok != serving:
-                serving = ok
+            if ok != runtime.store_reachable:
+                runtime.store_reachable = ok
                 await self._set_health(SERVING if ok else NOT_SERVING)
+
+    # -- hot reload ---------------------------------------------------------------------
+
+    async def _watch_config(self, file: Path) -> None:
+        logger.info("watching {} for changes", file)
+        async for update in watch_settings(file):
+            if isinstance(update, ConfigError):
+                self._reload_rejected(f"{file}: {update}")
+            else:
+                await self.apply(update)
+
+    def _reload_rejected(self, reason: str) -> None:
+        self.runtime.reloads["rejected"] += 1
+        self.runtime.last_reload = f"rejected: {reason}"
+        logger.error("config reload rejected, the running config stays: {}", reason)
+
+    async def apply(self, new: Settings) -> bool:
+        """Put `new` in force whole, or leave everything as it is and say why.
+
+        A changed store is built and connected first; if it cannot connect, the
+        reload is rejected. Calls already running finish on the old snapshot; the
+        old store is closed once they have.
+        """
+        old = self.runtime.current
+        store = old.store
+        if (new.backend.type, new.store) != (old.settings.backend.type, old.settings.store):
+            store = create_store(new)
+            try:
+                await store.start()
+            except StoreUnavailable as exc:
+                await store.close()
+                self._reload_rejected(f"the new store cannot be used: {exc}")
+                return False
+        telemetry = old.telemetry
+        if new.observability != old.settings.observability:
+            telemetry = self._telemetry(new)
+            telemetry.carry_counts_from(old.telemetry)
+        if new.logger != old.settings.logger:
+            configure_logging(new.logger)
+        if new.serverAddress != old.settings.serverAddress:
+            logger.warning(
+                "serverAddress changed to {}: this needs a restart, still serving on {}",
+                new.serverAddress,
+                old.settings.serverAddress,
+            )
+        if new.observability.prometheusPort != old.settings.observability.prometheusPort:
+            logger.warning("observability.prometheusPort changed: this needs a restart")
+        self.runtime.current = Snapshot(new, store, telemetry)
+        self.runtime.reloads["applied"] += 1
+        self.runtime.last_reload = "applied"
+        logger.info("config reloaded and applied: {}", _changed_sections(old.settings, new))
+        if store is not old.store:
+            # Leases held in the old store stay there: holders find out at their next
+            # keep-alive and acquire again in the new one.
+            logger.warning("store replaced by a new {} store", store.backend)
+            await self._retire(old, old.store)
+        if telemetry is not old.telemetry:
+            await asyncio.to_thread(old.telemetry.shutdown)
+        return True
+
+    async def _retire(self, old: Snapshot, store: LockStore) -> None:
+        """Close `store` once the calls still running on `old` have finished."""
+        try:
+            async with asyncio.timeout(old.settings.server.shutdownGrace):
+                await old.drained()
+        except TimeoutError:
+            logger.warning("closing the old store with {} calls still running", old.in_flight)
+        await store.close()
+
+
+def _changed_sections(old: Settings, new: Settings) -> str:
+    changed = [name for name in Settings.model_fields if getattr(old, name) != getattr(new, name)]
+    return ", ".join(changed) or "nothing changed"
 
 
 @asynccontextmanager
-async def running_server(settings: Settings) -> AsyncIterator[LockServer]:
+async def running_server(
+    settings: Settings, config_file: Path | None = None
+) -> AsyncIterator[LockServer]:
     """A started `LockServer`, stopped gracefully when the block exits."""
-    server = LockServer(settings)
+    server = LockServer(settings, config_file)
     await server.start()
     try:
         yield server
@@ -128,12 +241,12 @@ async def running_server(settings: Settings) -> AsyncIterator[LockServer]:
         await asyncio.shield(server.stop())
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(settings: Settings, config_file: Path | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; reload `config_file` on change."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with running_server(settings):
+    async with running_server(settings, config_file):
         await stop.wait()
         logger.info("shutting down: refusing new calls, letting in-flight calls finish")

@@ -1,11 +1,20 @@
-"""What every call reads: the current settings, lease policy and store, as one snapshot."""
+"""What every call reads: one snapshot of settings, lease policy, store and telemetry.
+
+A reload builds a new `Snapshot` and swaps it in whole; a call that started on the
+old one finishes on it, so no call ever mixes two configurations. The old store
+is closed once the calls still using it have finished.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 
 from quorum_quest.config.settings import Settings
-from quorum_quest.stores import LockStore, store_class
+from quorum_quest.stores import LockKey, LockStore, store_class
+from quorum_quest.telemetry.telemetry import Telemetry
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,14 +37,67 @@ def create_store(settings: Settings) -> LockStore:
     return store_class(settings.backend.type)(settings.store_settings())
 
 
+@dataclass(eq=False)
+class Snapshot:
+    """One configuration in force: read once at the start of every call."""
+
+    settings: Settings
+    store: LockStore
+    telemetry: Telemetry
+    policy: LeasePolicy = field(init=False)
+    in_flight: int = field(default=0, init=False)
+    _drained: asyncio.Event | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.policy = LeasePolicy.from_settings(self.settings)
+
+    def enter(self) -> None:
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._drained is not None:
+            self._drained.set()
+
+    async def drained(self) -> None:
+        """Return once no call is using this snapshot (call after it was swapped out)."""
+        if self.in_flight:
+            self._drained = asyncio.Event()
+            await self._drained.wait()
+
+
+class LeaseBook:
+    """Leases granted or renewed through this instance that have not ended, by lock."""
+
+    def __init__(self) -> None:
+        self._deadlines: dict[LockKey, float] = {}
+        self._prune_above = 1024
+
+    def granted(self, key: LockKey, ttl_ms: int) -> None:
+        self._deadlines[key] = time.monotonic() + ttl_ms / 1000
+        if len(self._deadlines) > self._prune_above:
+            self._prune()
+            self._prune_above = max(1024, 2 * len(self._deadlines))
+
+    def ended(self, key: LockKey) -> None:
+        self._deadlines.pop(key, None)
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        self._deadlines = {k: d for k, d in self._deadlines.items() if d > now}
+
+    def __len__(self) -> int:
+        self._prune()
+        return len(self._deadlines)
+
+
 class Runtime:
-    """The server's current configuration and store.
+    """The snapshot in force, plus what outlives any one snapshot."""
 
-    Handlers read `policy` and `store` once per call, so a call never mixes two
-    configurations.
-    """
-
-    def __init__(self, settings: Settings, store: LockStore) -> None:
-        self.settings = settings
-        self.policy = LeasePolicy.from_settings(settings)
-        self.store = store
+    def __init__(self, current: Snapshot, leases: LeaseBook, started: float) -> None:
+        self.current = current
+        self.leases = leases
+        self.started = started
+        self.reloads: Counter[str] = Counter()
+        self.last_reload = ""
+        self.store_reachable = True

@@ -1,13 +1,15 @@
 """The LeaderElectionService: validates each call, runs it on the store, maps the answer.
 
 A store failure is UNAVAILABLE and a passed deadline DEADLINE_EXCEEDED; "held by
-someone else" is the only outcome reported as `is_leader=false`.
+someone else" is the only outcome reported as `is_leader=false`. Each call reads
+one runtime snapshot and keeps it to the end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -15,40 +17,79 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from loguru import logger
 
+from quorum_quest import __version__
 from quorum_quest._rpc import pb
 from quorum_quest.errors import InvalidArgument, StoreUnavailable
 from quorum_quest.stores.base import MAX_NAME_BYTES, LockKey
+from quorum_quest.telemetry.telemetry import (
+    ACQUIRED,
+    ERROR,
+    HELD_BY_OTHER,
+    NOT_HOLDER,
+    RELEASED,
+    RENEWED,
+)
 
 if TYPE_CHECKING:
-    from quorum_quest.server.runtime import Runtime
+    from quorum_quest.server.runtime import Runtime, Snapshot
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+# A handler answers with its response and the result counted in metrics.
+Handler = Callable[[Any, "Snapshot", Request], Awaitable[tuple[Response, str]]]
+Served = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
 
-NOT_HOLDER = timedelta(seconds=-1)
+NOT_HOLDER_LEASE = timedelta(seconds=-1)
 
 
-def _answers_with_status(handler: Handler[Request, Response]) -> Handler[Request, Response]:
-    """Run `handler` within the caller's deadline and turn our errors into gRPC statuses."""
+def _lock_operation(
+    operation: str,
+) -> Callable[[Handler[Request, Response]], Served[Request, Response]]:
+    """Serve `handler` on one snapshot, within the caller's deadline, with errors as statuses."""
 
-    @functools.wraps(handler)
-    async def serve(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
-        try:
-            async with asyncio.timeout(context.time_remaining()):
-                return await handler(self, request, context)
-        except InvalidArgument as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except StoreUnavailable as exc:
-            logger.warning("store call failed: {}", exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the store answered"
-            )
-        raise AssertionError("unreachable: context.abort raises")
+    def decorate(handler: Handler[Request, Response]) -> Served[Request, Response]:
+        @functools.wraps(handler)
+        async def serve(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+            snapshot = self._runtime.current
+            telemetry = snapshot.telemetry
+            backend = snapshot.store.backend
+            started = time.perf_counter()
+            snapshot.enter()
+            try:
+                async with asyncio.timeout(context.time_remaining()):
+                    if telemetry.tracing:
+                        attributes = {
+                            "quorum_quest.backend": backend,
+                            "quorum_quest.operation": operation,
+                        }
+                        with telemetry.tracer.start_as_current_span(
+                            f"store {operation}", attributes=attributes
+                        ):
+                            response, result = await handler(self, snapshot, request)
+                    else:
+                        response, result = await handler(self, snapshot, request)
+                telemetry.count(operation, result, backend, started)
+                return response
+            except InvalidArgument as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except StoreUnavailable as exc:
+                telemetry.store_error(operation, backend)
+                telemetry.count(operation, ERROR, backend, started)
+                logger.warning("store call failed: {}", exc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            except TimeoutError:
+                telemetry.count(operation, ERROR, backend, started)
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "the deadline passed before the store answered",
+                )
+            finally:
+                snapshot.leave()
+            raise AssertionError("unreachable: context.abort raises")
 
-    return serve
+        return serve
+
+    return decorate
 
 
 def _name(field: str, value: str) -> str:
@@ -63,42 +104,45 @@ def _lock_key(request: Any) -> LockKey:
     return LockKey(_name("service", request.service), _name("domain", request.domain))
 
 
+def _ttl_ms(snapshot: Snapshot, request: pb.TryAcquireLockRequest | pb.KeepAliveRequest) -> int:
+    """ttl_ms wins when set; ttl <= 0 means the default; above the maximum is an error."""
+    policy = snapshot.policy
+    if request.ttl_ms > 0:
+        ttl_ms, field = request.ttl_ms, "ttl_ms"
+    elif request.ttl > 0:
+        ttl_ms, field = request.ttl * 1000, "ttl"
+    else:
+        return policy.default_ttl_ms
+    if ttl_ms > policy.max_ttl_ms:
+        raise InvalidArgument(
+            field,
+            f"{ttl_ms / 1000:g} s is above the maximum lease of {policy.max_ttl_ms / 1000:g} s",
+        )
+    return ttl_ms
+
+
 class LeaderElectionServicer:
-    """Serves the contract in `protos/` from the runtime's current store and settings."""
+    """Serves the contract in `protos/` from the runtime's current snapshot."""
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
-    def _ttl_ms(self, request: pb.TryAcquireLockRequest | pb.KeepAliveRequest) -> int:
-        """ttl_ms wins when set; ttl <= 0 means the default; above the maximum is an error."""
-        policy = self._runtime.policy
-        if request.ttl_ms > 0:
-            ttl_ms, field = request.ttl_ms, "ttl_ms"
-        elif request.ttl > 0:
-            ttl_ms, field = request.ttl * 1000, "ttl"
-        else:
-            return policy.default_ttl_ms
-        if ttl_ms > policy.max_ttl_ms:
-            raise InvalidArgument(
-                field,
-                f"{ttl_ms / 1000:g} s is above the maximum lease of {policy.max_ttl_ms / 1000:g} s",
-            )
-        return ttl_ms
-
-    @_answers_with_status
+    @_lock_operation("acquire")
     async def try_acquire_lock(
-        self, request: pb.TryAcquireLockRequest, context: grpc.aio.ServicerContext
-    ) -> pb.TryAcquireLockResponse:
+        self, snapshot: Snapshot, request: pb.TryAcquireLockRequest
+    ) -> tuple[pb.TryAcquireLockResponse, str]:
         key = _lock_key(request)
         client_id = _name("client_id", request.client_id)
-        ttl_ms = self._ttl_ms(request)
-        result = await self._runtime.store.acquire(key, client_id, ttl_ms)
+        ttl_ms = _ttl_ms(snapshot, request)
+        result = await snapshot.store.acquire(key, client_id, ttl_ms)
         if not result.acquired:
-            return pb.TryAcquireLockResponse(
+            response = pb.TryAcquireLockResponse(
                 is_leader=False,
                 leader_id=result.holder,
                 lease_length=timedelta(milliseconds=result.ttl_ms),
             )
+            return response, HELD_BY_OTHER
+        self._runtime.leases.granted(key, result.ttl_ms)
         if not result.refreshed:
             logger.info(
                 "lock acquired: service={} domain={} client_id={} token={} ttl_ms={}",
@@ -108,59 +152,76 @@ class LeaderElectionServicer:
                 result.token,
                 ttl_ms,
             )
-        return pb.TryAcquireLockResponse(
+        response = pb.TryAcquireLockResponse(
             is_leader=True,
             fencing_token=result.token,
             lease_length=timedelta(milliseconds=result.ttl_ms),
             leader_id=client_id,
         )
+        return response, RENEWED if result.refreshed else ACQUIRED
 
-    @_answers_with_status
+    @_lock_operation("keep_alive")
     async def keep_alive(
-        self, request: pb.KeepAliveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.KeepAliveResponse:
+        self, snapshot: Snapshot, request: pb.KeepAliveRequest
+    ) -> tuple[pb.KeepAliveResponse, str]:
         key = _lock_key(request)
         client_id = _name("client_id", request.client_id)
-        ttl_ms = self._ttl_ms(request)
-        result = await self._runtime.store.keep_alive(key, client_id, ttl_ms)
+        ttl_ms = _ttl_ms(snapshot, request)
+        result = await snapshot.store.keep_alive(key, client_id, ttl_ms)
         if not result.renewed:
+            self._runtime.leases.ended(key)
             logger.info(
                 "lock lost: keep-alive refused, service={} domain={} client_id={}",
                 key.service,
                 key.domain,
                 client_id,
             )
-            return pb.KeepAliveResponse(lease_length=NOT_HOLDER)
-        return pb.KeepAliveResponse(
+            return pb.KeepAliveResponse(lease_length=NOT_HOLDER_LEASE), NOT_HOLDER
+        self._runtime.leases.granted(key, ttl_ms)
+        response = pb.KeepAliveResponse(
             lease_length=timedelta(milliseconds=ttl_ms), fencing_token=result.token
         )
+        return response, RENEWED
 
-    @_answers_with_status
+    @_lock_operation("release")
     async def release_lock(
-        self, request: pb.ReleaseLockRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReleaseLockResponse:
+        self, snapshot: Snapshot, request: pb.ReleaseLockRequest
+    ) -> tuple[pb.ReleaseLockResponse, str]:
         key = _lock_key(request)
         client_id = _name("client_id", request.client_id)
-        released = await self._runtime.store.release(key, client_id)
-        if released:
-            logger.info(
-                "lock released: service={} domain={} client_id={}",
-                key.service,
-                key.domain,
-                client_id,
-            )
-        return pb.ReleaseLockResponse(released=released)
+        released = await snapshot.store.release(key, client_id)
+        if not released:
+            return pb.ReleaseLockResponse(released=False), NOT_HOLDER
+        self._runtime.leases.ended(key)
+        logger.info(
+            "lock released: service={} domain={} client_id={}", key.service, key.domain, client_id
+        )
+        return pb.ReleaseLockResponse(released=True), RELEASED
 
-    @_answers_with_status
+    @_lock_operation("get_leader")
     async def get_leader(
-        self, request: pb.GetLeaderRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetLeaderResponse:
-        holder = await self._runtime.store.get_leader(_lock_key(request))
+        self, snapshot: Snapshot, request: pb.GetLeaderRequest
+    ) -> tuple[pb.GetLeaderResponse, str]:
+        holder = await snapshot.store.get_leader(_lock_key(request))
         if holder is None:
-            return pb.GetLeaderResponse(has_leader=False)
-        return pb.GetLeaderResponse(
+            return pb.GetLeaderResponse(has_leader=False), "free"
+        response = pb.GetLeaderResponse(
             has_leader=True,
             client_id=holder.client_id,
             fencing_token=holder.token,
             remaining=timedelta(milliseconds=holder.remaining_ms),
+        )
+        return response, "held"
+
+    async def get_status(
+        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStatusResponse:
+        runtime = self._runtime
+        return pb.GetStatusResponse(
+            version=__version__,
+            backend=runtime.current.store.backend,
+            uptime=timedelta(seconds=time.monotonic() - runtime.started),
+            held_leases=len(runtime.leases),
+            last_reload=runtime.last_reload,
+            store_reachable=runtime.store_reachable,
         )

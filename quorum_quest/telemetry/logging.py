@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 from loguru import logger
+from opentelemetry import trace
 
 from quorum_quest.config.settings import LoggerSettings
 
@@ -27,9 +29,18 @@ TEXT_FORMAT = (
 )
 
 
+def _trace_ids(record: Any) -> None:
+    """Put the current span's ids on every record logged inside a span."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        record["extra"]["trace_id"] = format(context.trace_id, "032x")
+        record["extra"]["span_id"] = format(context.span_id, "016x")
+
+
 def configure_logging(settings: LoggerSettings) -> None:
     """Send every log line to stderr at `settings.level`, as text or JSON lines."""
     logger.remove()
+    logger.configure(patcher=_trace_ids)
     if settings.format == "json":
         logger.add(sys.stderr, level=settings.level, serialize=True)
     else:

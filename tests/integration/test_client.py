@@ -119,7 +119,7 @@ async def test_leadership_body_is_cancelled_when_the_service_refuses_renewal(
         async with client:
             async with client.leadership() as lease:
                 # The lock disappears behind the client's back (e.g. an operator deleted it).
-                await server.runtime.store.release(LockKey("svc", domain), lease.client_id)
+                await server.runtime.current.store.release(LockKey("svc", domain), lease.client_id)
                 try:
                     await asyncio.sleep(10)
                 except asyncio.CancelledError:
@@ -151,7 +151,7 @@ async def test_leadership_body_is_cancelled_when_the_store_is_unreachable() -> N
 
 async def test_one_failed_renewal_is_retried_within_the_lease(server, address) -> None:
     client = QuorumQuestClient("svc", lock_name(), 0.9, address)
-    real = server.runtime.store.keep_alive
+    real = server.runtime.current.store.keep_alive
     failures = 0
 
     async def flaky_keep_alive(*args):
@@ -163,7 +163,7 @@ async def test_one_failed_renewal_is_retried_within_the_lease(server, address) -
             raise StoreUnavailable("memory", "injected failure")
         return await real(*args)
 
-    server.runtime.store.keep_alive = flaky_keep_alive
+    server.runtime.current.store.keep_alive = flaky_keep_alive
     async with client, client.leadership() as lease:
         await asyncio.sleep(1.5)
         lease.ensure_valid()

@@ -200,14 +200,14 @@ async def test_caller_deadline_is_deadline_exceeded(
         async def acquire(self, *args: object) -> None:
             await asyncio.sleep(5)
 
-    real = server.runtime.store
-    server.runtime.store = SlowStore()  # only the store's speed is faked
+    real = server.runtime.current.store
+    server.runtime.current.store = SlowStore()  # only the store's speed is faked
     try:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.try_acquire_lock(acquire_request(), timeout=0.3)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     finally:
-        server.runtime.store = real
+        server.runtime.current.store = real
 
 
 async def test_shutdown_refuses_new_calls_and_finishes_in_flight_ones(
@@ -217,14 +217,14 @@ async def test_shutdown_refuses_new_calls_and_finishes_in_flight_ones(
     entered = asyncio.Event()
 
     async with running_server(settings) as server:
-        real_acquire = server.runtime.store.acquire
+        real_acquire = server.runtime.current.store.acquire
 
         async def slow_acquire(*args: object):
             entered.set()
             await asyncio.sleep(0.5)
             return await real_acquire(*args)
 
-        server.runtime.store.acquire = slow_acquire
+        server.runtime.current.store.acquire = slow_acquire
         chan = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         in_flight = asyncio.ensure_future(
             LeaderElectionStub(chan).try_acquire_lock(acquire_request())

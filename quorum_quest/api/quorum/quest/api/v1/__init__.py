@@ -6,6 +6,8 @@
 __all__ = (
     "GetLeaderRequest",
     "GetLeaderResponse",
+    "GetStatusRequest",
+    "GetStatusResponse",
     "KeepAliveRequest",
     "KeepAliveResponse",
     "LeaderElectionServiceStub",
@@ -67,6 +69,60 @@ class GetLeaderResponse(betterproto2.Message):
 
 
 default_message_pool.register_message("quorum.quest.api.v1", "GetLeaderResponse", GetLeaderResponse)
+
+
+@dataclass(eq=False, repr=False)
+class GetStatusRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return QUORUM_QUEST_API_V1_QUORUM_QUEST_API_PROTO_DESCRIPTOR.message_types_by_name[
+            "GetStatusRequest"
+        ]
+
+    pass
+
+
+default_message_pool.register_message("quorum.quest.api.v1", "GetStatusRequest", GetStatusRequest)
+
+
+@dataclass(eq=False, repr=False)
+class GetStatusResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return QUORUM_QUEST_API_V1_QUORUM_QUEST_API_PROTO_DESCRIPTOR.message_types_by_name[
+            "GetStatusResponse"
+        ]
+
+    version: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    backend: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    The backend this instance uses now (memory, redis, scylladb, dynamodb, ...).
+    """
+
+    uptime: "datetime.timedelta | None" = betterproto2.field(
+        3, betterproto2.TYPE_MESSAGE, unwrap=lambda: ____google__protobuf__.Duration, optional=True
+    )
+
+    held_leases: "int" = betterproto2.field(4, betterproto2.TYPE_UINT64)
+    """
+    Leases granted or renewed through this instance that have not expired or been released.
+    """
+
+    last_reload: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+    """
+    "applied", "rejected: <reason>", or empty when the config was never reloaded.
+    """
+
+    store_reachable: "bool" = betterproto2.field(6, betterproto2.TYPE_BOOL)
+    """
+    Whether the store answered its last health probe.
+    """
+
+
+default_message_pool.register_message("quorum.quest.api.v1", "GetStatusResponse", GetStatusResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -275,9 +331,23 @@ class LeaderElectionServiceStub:
             GetLeaderResponse.FromString,
         )(message)
 
+    def get_status(self, message: "GetStatusRequest | None" = None) -> "GetStatusResponse":
+        """
+        Report this service instance's version, backend, uptime and reload state.
+        """
+
+        if message is None:
+            message = GetStatusRequest()
+
+        return self._channel.unary_unary(
+            "/quorum.quest.api.v1.LeaderElectionService/GetStatus",
+            GetStatusRequest.SerializeToString,
+            GetStatusResponse.FromString,
+        )(message)
+
 
 from .....google import protobuf as ____google__protobuf__
 
 QUORUM_QUEST_API_V1_QUORUM_QUEST_API_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n*quorum/quest/api/v1/quorum_quest_api.proto\x12\x13quorum.quest.api.v1\x1a\x1egoogle/protobuf/duration.proto"\x8f\x01\n\x15TryAcquireLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs"\xb5\x01\n\x16TryAcquireLockResponse\x12\x1b\n\tis_leader\x18\x01 \x01(\x08R\x08isLeader\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken\x12<\n\x0clease_length\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12\x1b\n\tleader_id\x18\x04 \x01(\tR\x08leaderId"c\n\x12ReleaseLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId"1\n\x13ReleaseLockResponse\x12\x1a\n\x08released\x18\x01 \x01(\x08R\x08released"\x8a\x01\n\x10KeepAliveRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs"v\n\x11KeepAliveResponse\x12<\n\x0clease_length\x18\x01 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken"D\n\x10GetLeaderRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain"\xad\x01\n\x11GetLeaderResponse\x12\x1d\n\nhas_leader\x18\x01 \x01(\x08R\thasLeader\x12\x1b\n\tclient_id\x18\x02 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x03 \x01(\x04R\x0cfencingToken\x127\n\tremaining\x18\x04 \x01(\x0b2\x19.google.protobuf.DurationR\tremaining2\x9c\x03\n\x15LeaderElectionService\x12i\n\x0eTryAcquireLock\x12*.quorum.quest.api.v1.TryAcquireLockRequest\x1a+.quorum.quest.api.v1.TryAcquireLockResponse\x12`\n\x0bReleaseLock\x12\'.quorum.quest.api.v1.ReleaseLockRequest\x1a(.quorum.quest.api.v1.ReleaseLockResponse\x12Z\n\tKeepAlive\x12%.quorum.quest.api.v1.KeepAliveRequest\x1a&.quorum.quest.api.v1.KeepAliveResponse\x12Z\n\tGetLeader\x12%.quorum.quest.api.v1.GetLeaderRequest\x1a&.quorum.quest.api.v1.GetLeaderResponseB3Z1github.com/avivl/quorum-quest/api/gen/go/v1;apiv1b\x06proto3'
+    b'\n*quorum/quest/api/v1/quorum_quest_api.proto\x12\x13quorum.quest.api.v1\x1a\x1egoogle/protobuf/duration.proto"\x8f\x01\n\x15TryAcquireLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs"\xb5\x01\n\x16TryAcquireLockResponse\x12\x1b\n\tis_leader\x18\x01 \x01(\x08R\x08isLeader\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken\x12<\n\x0clease_length\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12\x1b\n\tleader_id\x18\x04 \x01(\tR\x08leaderId"c\n\x12ReleaseLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId"1\n\x13ReleaseLockResponse\x12\x1a\n\x08released\x18\x01 \x01(\x08R\x08released"\x8a\x01\n\x10KeepAliveRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs"v\n\x11KeepAliveResponse\x12<\n\x0clease_length\x18\x01 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken"D\n\x10GetLeaderRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain"\xad\x01\n\x11GetLeaderResponse\x12\x1d\n\nhas_leader\x18\x01 \x01(\x08R\thasLeader\x12\x1b\n\tclient_id\x18\x02 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x03 \x01(\x04R\x0cfencingToken\x127\n\tremaining\x18\x04 \x01(\x0b2\x19.google.protobuf.DurationR\tremaining"\x12\n\x10GetStatusRequest"\xe5\x01\n\x11GetStatusResponse\x12\x18\n\x07version\x18\x01 \x01(\tR\x07version\x12\x18\n\x07backend\x18\x02 \x01(\tR\x07backend\x121\n\x06uptime\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x06uptime\x12\x1f\n\x0bheld_leases\x18\x04 \x01(\x04R\nheldLeases\x12\x1f\n\x0blast_reload\x18\x05 \x01(\tR\nlastReload\x12\'\n\x0fstore_reachable\x18\x06 \x01(\x08R\x0estoreReachable2\xf8\x03\n\x15LeaderElectionService\x12i\n\x0eTryAcquireLock\x12*.quorum.quest.api.v1.TryAcquireLockRequest\x1a+.quorum.quest.api.v1.TryAcquireLockResponse\x12`\n\x0bReleaseLock\x12\'.quorum.quest.api.v1.ReleaseLockRequest\x1a(.quorum.quest.api.v1.ReleaseLockResponse\x12Z\n\tKeepAlive\x12%.quorum.quest.api.v1.KeepAliveRequest\x1a&.quorum.quest.api.v1.KeepAliveResponse\x12Z\n\tGetLeader\x12%.quorum.quest.api.v1.GetLeaderRequest\x1a&.quorum.quest.api.v1.GetLeaderResponse\x12Z\n\tGetStatus\x12%.quorum.quest.api.v1.GetStatusRequest\x1a&.quorum.quest.api.v1.GetStatusResponseB3Z1github.com/avivl/quorum-quest/api/gen/go/v1;apiv1b\x06proto3'
 )

@@ -1,0 +1,620 @@
+"""The DynamoDB store: every lock is one item, every lock operation one conditional write.
+
+Item layout (table with the single string partition key `pk`, no sort key):
+
+    pk          "lock:" + quote(service) + ":" + quote(domain)
+    holder      S   client_id of the holder; absent while the lock is free
+    expires_at  N   end of the lease, Unix epoch milliseconds; absent while free
+    token       N   the lock's fencing counter; only ever grows, never removed
+
+service and domain are percent-encoded (every byte but [A-Za-z0-9_.~-]), so ':' never
+occurs inside either part and two different pairs can never share a `pk`.
+
+The writes (each a single `UpdateItem`; a failed `ConditionExpression` is the normal "no"):
+
+    grant    SET holder = :client, expires_at = :expires  ADD token :one
+             IF attribute_not_exists(holder) OR expires_at <= :stale
+                OR (holder = :client AND expires_at <= :now)
+    extend   SET expires_at = :expires
+             IF holder = :client AND expires_at > :now
+    release  REMOVE holder, expires_at
+             IF holder = :client AND expires_at > :now
+
+`acquire` sends the grant; when its condition fails the answer carries the old item
+(`ReturnValuesOnConditionCheckFailure=ALL_OLD`), which names the holder. Only when that
+holder is the caller itself, with a live lease, does `acquire` send a second write, the
+extend, so the caller keeps its token. No write depends on a read: whatever happened in
+between, each condition is judged by DynamoDB on the item as it is at that moment.
+
+The clock: DynamoDB conditions have no server clock, so `:now` is this service
+instance's wall clock and every instance sharing a table must keep its clock
+synchronised (NTP). An acquiring instance treats a foreign lease as expired only when
+`clock_skew_margin` has passed after its end (`:stale = :now - margin`), so an instance
+whose clock runs ahead by less than the margin cannot take over a lease that its holder's
+instance still keeps alive. A holder's own lease (keep-alive, release, re-acquire) is
+judged without the margin.
+
+Tokens and TTL: the token is advanced with `ADD` in the very write that grants the lock,
+so a token is never issued twice and grows by one per grant. Release REMOVEs the holder
+attributes and leaves the item (and its counter) in place, and no lock item ever carries
+the TTL attribute: DynamoDB's native TTL deletes whole items and would take the counter
+with it, after which `ADD` would restart at 1. An expired lease needs no deletion either,
+since the conditions compare `expires_at` with the clock. Native TTL is enabled on the
+dedicated attribute `purge_at` (epoch seconds) for the store's own short-lived items: the
+write probe (`pk` "probe:write") that `start()` writes to prove the table accepts writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import re
+import time
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aioboto3
+import aiohttp
+from aiobotocore.config import AioConfig
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    NoRegionError,
+    PartialCredentialsError,
+    ProfileNotFound,
+)
+from loguru import logger
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from quorum_quest.errors import StoreUnavailable
+from quorum_quest.stores.base import (
+    Acquisition,
+    Holder,
+    LockKey,
+    LockStore,
+    Renewal,
+    StoreSettings,
+)
+
+KEY = "pk"
+HOLDER = "holder"
+EXPIRES_AT = "expires_at"
+TOKEN = "token"
+PURGE_AT = "purge_at"  # the table's native TTL attribute, never on a lock item
+WRITE_PROBE_KEY = "probe:write"
+
+_NAMES = {"#holder": HOLDER, "#expires": EXPIRES_AT, "#token": TOKEN}
+_GRANT = "SET #holder = :client, #expires = :expires ADD #token :one"
+_GRANT_IF = (
+    "attribute_not_exists(#holder) OR #expires <= :stale"
+    " OR (#holder = :client AND #expires <= :now)"
+)
+_EXTEND = "SET #expires = :expires"
+_EXTEND_IF = "#holder = :client AND #expires > :now"
+_RELEASE = "REMOVE #holder, #expires"
+_RELEASE_IF = "#holder = :client AND #expires > :now"
+
+_WRITE_PROBE_TTL_S = 24 * 3600
+_TABLE_ACTIVE_TIMEOUT_S = 300.0  # how long start() waits for a new table to become ACTIVE
+_ACQUIRE_ROUNDS = 3  # grant/extend rounds when the lock changes hands between them
+_BACKOFF_BASE_S = 0.025
+_BACKOFF_CAP_S = 0.5
+
+# Worth another attempt within the call's deadline.
+_RETRYABLE = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "LimitExceededException",
+        "InternalServerError",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "TransactionConflictException",
+    }
+)
+# The service refused who we are or what we may do: retrying cannot help.
+_CREDENTIALS = frozenset(
+    {
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "MissingAuthenticationTokenException",
+        "IncompleteSignatureException",
+        "ExpiredTokenException",
+        "AccessDeniedException",
+    }
+)
+_CONDITION_FAILED = frozenset({"ConditionalCheckFailedException"})
+_UNKNOWN_OPERATION = frozenset({"UnknownOperationException"})
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
+
+
+def endpoint_url(endpoint: str) -> str:
+    """The endpoint URL for an `endpoints` entry: a full http(s) URL, or a bare host[:port].
+
+    A bare host gets https://, except a loopback host (localhost, 127.0.0.0/8, ::1), which
+    gets http:// as local DynamoDB implementations speak plain HTTP.
+    """
+    value = endpoint.strip()
+    if not value:
+        raise ValueError("an endpoint must not be empty")
+    bare = "://" not in value
+    parts = urlsplit(f"//{value}" if bare else value)
+    if not bare and parts.scheme not in ("http", "https"):
+        raise ValueError(f"{endpoint!r}: the scheme must be http or https")
+    if not parts.hostname:
+        raise ValueError(f"{endpoint!r}: no host")
+    if parts.username is not None or parts.query or parts.fragment:
+        raise ValueError(f"{endpoint!r}: give only scheme, host, port and path")
+    try:
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"{endpoint!r}: {exc}") from None
+    if bare:
+        scheme = "http" if _is_loopback(parts.hostname) else "https"
+        return f"{scheme}:{parts.geturl()}".rstrip("/")
+    return value.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def lock_item_key(key: LockKey) -> str:
+    """The partition key of a lock's item; distinct pairs give distinct keys."""
+    return f"lock:{quote(key.service, safe='')}:{quote(key.domain, safe='')}"
+
+
+class DynamoSettings(StoreSettings):
+    region: str = Field(default="", description="AWS region; empty: AWS_REGION or the profile's")
+    table: str = Field(default="quorumquest", pattern=r"^[A-Za-z0-9_.-]{3,255}$")
+    endpoints: tuple[str, ...] = Field(
+        default=(), description="the first entry overrides the endpoint URL (host or URL)"
+    )
+    accessKeyId: str = ""
+    secretAccessKey: SecretStr = SecretStr("")
+    profile: str = Field(default="", description="a profile of the shared AWS config files")
+    create_table: bool = Field(
+        default=True,
+        description="create a missing table (on-demand) and enable TTL on its probe items",
+    )
+    clock_skew_margin: float = Field(
+        default=1.0,
+        ge=0,
+        description="seconds a foreign lease stays taken after its end, for clock skew",
+    )
+    timeout: float = Field(
+        default=2.0, gt=0, description="seconds per store call, retries included"
+    )
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoint_forms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for endpoint in value:
+            endpoint_url(endpoint)
+        return value
+
+    @model_validator(mode="after")
+    def _one_credential_source(self) -> DynamoSettings:
+        has_id, has_secret = bool(self.accessKeyId), bool(self.secretAccessKey.get_secret_value())
+        if has_id != has_secret:
+            raise ValueError(
+                "accessKeyId and secretAccessKey go together: give both, or neither to use"
+                " the profile or the AWS default credential chain"
+            )
+        if has_id and self.profile:
+            raise ValueError("give either profile or accessKeyId/secretAccessKey, not both")
+        return self
+
+    @property
+    def endpoint_url(self) -> str | None:
+        return endpoint_url(self.endpoints[0]) if self.endpoints else None
+
+
+class DynamoStore(LockStore):
+    backend = "dynamodb"
+    settings_model = DynamoSettings
+    settings: DynamoSettings
+
+    def __init__(self, settings: DynamoSettings) -> None:
+        super().__init__(settings)
+        self._where = f"{settings.endpoint_url or 'AWS'} table {settings.table}"
+        self._margin_ms = int(settings.clock_skew_margin * 1000)
+        self._exit_stack = AsyncExitStack()
+        self._client: Any = None
+        self._connecting = asyncio.Lock()
+
+    # -- connection -------------------------------------------------------------------
+
+    async def _dynamodb(self) -> Any:
+        """The client, created on first use (`start()` normally does it)."""
+        if self._client is not None:
+            return self._client
+        async with self._connecting:
+            if self._client is None:
+                self._client = await self._new_client()
+        return self._client
+
+    async def _new_client(self) -> Any:
+        settings = self.settings
+        secret = settings.secretAccessKey.get_secret_value()
+        try:
+            session = aioboto3.Session(
+                aws_access_key_id=settings.accessKeyId or None,
+                aws_secret_access_key=secret or None,
+                region_name=settings.region or None,
+                profile_name=settings.profile or None,
+            )
+            client = session.client(
+                "dynamodb",
+                endpoint_url=settings.endpoint_url,
+                config=AioConfig(
+                    connect_timeout=settings.timeout,
+                    read_timeout=settings.timeout,
+                    # One attempt per request: _call retries within the call's deadline.
+                    retries={"total_max_attempts": 1},
+                    max_pool_connections=64,
+                ),
+            )
+            return await self._exit_stack.enter_async_context(client)
+        except ProfileNotFound as exc:
+            raise StoreUnavailable(self.backend, f"profile {settings.profile!r}: {exc}") from exc
+        except NoRegionError as exc:
+            raise StoreUnavailable(
+                self.backend, f"{self._where}: no region; set region or AWS_REGION"
+            ) from exc
+        except BotoCoreError as exc:
+            raise StoreUnavailable(self.backend, f"{self._where}: {exc}") from exc
+
+    async def start(self) -> None:
+        if len(self.settings.endpoints) > 1:
+            logger.warning(
+                "dynamodb: only the first of {} endpoints is used", len(self.settings.endpoints)
+            )
+        if self.settings.create_table:
+            await self._ensure_table()
+        await self._write_probe()
+
+    async def close(self) -> None:
+        await self._exit_stack.aclose()
+        self._client = None
+
+    # -- the retry loop ---------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        """When a store call that starts now must have its answer (event loop time)."""
+        return asyncio.get_running_loop().time() + self.settings.timeout
+
+    async def _call(
+        self,
+        operation: str,
+        /,
+        *,
+        deadline: float | None = None,
+        expected: frozenset[str] = frozenset(),
+        **params: Any,
+    ) -> Any:
+        """Run one DynamoDB operation, retrying what may pass until `deadline`.
+
+        `deadline` is the store call's (one `timeout` from now if not given), so every
+        request of one store call shares it. An error whose code is in `expected` (a failed
+        condition, say) is raised as the `ClientError` for the caller to read; every other
+        failure ends as `StoreUnavailable`.
+        """
+        method = getattr(await self._dynamodb(), operation)
+        budget = self.settings.timeout
+        loop = asyncio.get_running_loop()
+        deadline = deadline or self._deadline()
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    return await method(**params)
+            except ClientError as exc:
+                code, message = _error_of(exc)
+                if code in expected:
+                    raise
+                if code in _CREDENTIALS or _status(exc) in (401, 403):
+                    raise StoreUnavailable(
+                        self.backend,
+                        f"{self._where}: {operation} refused, {code}: {message} (check"
+                        " accessKeyId/secretAccessKey, profile or the AWS credential chain,"
+                        " and the IAM policy)",
+                    ) from exc
+                if code == "ResourceNotFoundException":
+                    raise StoreUnavailable(
+                        self.backend,
+                        f"{self._where}: {operation}: the table does not exist ({message});"
+                        " set create_table: true or create it as docs/backends/dynamodb.md shows",
+                    ) from exc
+                if code not in _RETRYABLE and _status(exc) < 500:
+                    raise StoreUnavailable(
+                        self.backend, f"{self._where}: {operation}: {code}: {message}"
+                    ) from exc
+                problem = f"{code}: {message}"
+            except (NoCredentialsError, PartialCredentialsError) as exc:
+                raise StoreUnavailable(
+                    self.backend,
+                    f"{self._where}: {exc}; set accessKeyId/secretAccessKey or profile, or"
+                    " configure the AWS default credential chain",
+                ) from exc
+            except (HTTPClientError, aiohttp.ClientError) as exc:  # connect, read: maybe transient
+                problem = str(exc)
+            except TimeoutError:
+                problem = f"no answer before the {budget:g} s deadline"
+            except (BotoCoreError, OSError) as exc:
+                raise StoreUnavailable(self.backend, f"{self._where}: {operation}: {exc}") from exc
+            pause = random.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempts))
+            if loop.time() + pause >= deadline:
+                raise StoreUnavailable(
+                    self.backend,
+                    f"{self._where}: {operation} failed {attempts} times within {budget:g} s,"
+                    f" last: {problem}",
+                )
+            await asyncio.sleep(pause)
+
+    async def _update(
+        self,
+        deadline: float,
+        key: str,
+        update: str,
+        condition: str,
+        values: Mapping[str, Any],
+        *,
+        names: Mapping[str, str] = _NAMES,
+        old_on_failure: bool = False,
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """One conditional UpdateItem: (True, new item) or (False, old item when returned)."""
+        params: dict[str, Any] = {
+            "TableName": self.settings.table,
+            "Key": {KEY: {"S": key}},
+            "UpdateExpression": update,
+            "ConditionExpression": condition,
+            "ExpressionAttributeNames": dict(names),
+            "ExpressionAttributeValues": dict(values),
+            "ReturnValues": "ALL_NEW",
+        }
+        if old_on_failure:
+            params["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
+        try:
+            answer = await self._call(
+                "update_item", deadline=deadline, expected=_CONDITION_FAILED, **params
+            )
+        except ClientError as exc:
+            return False, exc.response.get("Item")
+        return True, answer.get("Attributes", {})
+
+    async def _read(self, key: str, deadline: float) -> dict[str, Any] | None:
+        answer = await self._call(
+            "get_item",
+            deadline=deadline,
+            TableName=self.settings.table,
+            Key={KEY: {"S": key}},
+            ConsistentRead=True,
+            ProjectionExpression="#holder, #expires, #token",
+            ExpressionAttributeNames=_NAMES,
+        )
+        return answer.get("Item")
+
+    # -- table management -------------------------------------------------------------
+
+    async def _ensure_table(self) -> None:
+        """Create the table if missing, wait until ACTIVE, and enable TTL on `purge_at`.
+
+        An existing table is only described, so CreateTable is needed only the first time.
+        """
+        table = self.settings.table
+        status = await self._table_status()
+        if status is None:
+            try:
+                await self._call(
+                    "create_table",
+                    expected=frozenset({"ResourceInUseException"}),
+                    TableName=table,
+                    AttributeDefinitions=[{"AttributeName": KEY, "AttributeType": "S"}],
+                    KeySchema=[{"AttributeName": KEY, "KeyType": "HASH"}],
+                    BillingMode="PAY_PER_REQUEST",
+                )
+                logger.info("dynamodb: created table {} (on-demand)", table)
+            except ClientError:
+                pass  # another instance is creating it right now
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _TABLE_ACTIVE_TIMEOUT_S
+        pause = 0.05
+        while status != "ACTIVE":
+            if loop.time() + pause > deadline:
+                raise StoreUnavailable(
+                    self.backend,
+                    f"{self._where}: table still {status or 'missing'}"
+                    f" after {_TABLE_ACTIVE_TIMEOUT_S:g} s",
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
+            status = await self._table_status()
+        await self._enable_ttl()
+
+    async def _table_status(self) -> str | None:
+        """CREATING, ACTIVE, ...; None when there is no such table."""
+        try:
+            answer = await self._call(
+                "describe_table",
+                expected=frozenset({"ResourceNotFoundException"}),
+                TableName=self.settings.table,
+            )
+        except ClientError:
+            return None
+        return answer["Table"]["TableStatus"]
+
+    async def _enable_ttl(self) -> None:
+        table = self.settings.table
+        answer = await self._call("describe_time_to_live", TableName=table)
+        current = answer.get("TimeToLiveDescription", {})
+        if current.get("TimeToLiveStatus") in ("ENABLED", "ENABLING"):
+            if current.get("AttributeName") != PURGE_AT:
+                logger.warning(
+                    "dynamodb: table {} has TTL on {!r}, not {!r}: its probe item is not"
+                    " cleaned up by TTL",
+                    table,
+                    current.get("AttributeName"),
+                    PURGE_AT,
+                )
+            return
+        try:
+            await self._call(
+                "update_time_to_live",
+                expected=_UNKNOWN_OPERATION,
+                TableName=table,
+                TimeToLiveSpecification={"Enabled": True, "AttributeName": PURGE_AT},
+            )
+        except ClientError:
+            # DynamoDB has the operation; an implementation without it (dynalite) can
+            # still serve locks, since lock items never depend on TTL.
+            logger.warning("dynamodb: {} does not support TTL; probe items stay", self._where)
+
+    async def _write_probe(self) -> None:
+        """One write that proves the table exists and accepts our writes; TTL removes it."""
+        purge_at = int(time.time()) + _WRITE_PROBE_TTL_S
+        await self._call(
+            "update_item",
+            TableName=self.settings.table,
+            Key={KEY: {"S": WRITE_PROBE_KEY}},
+            UpdateExpression="SET #purge = :purge",
+            ExpressionAttributeNames={"#purge": PURGE_AT},
+            ExpressionAttributeValues={":purge": {"N": str(purge_at)}},
+        )
+
+    # -- the protocol -----------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._call(
+            "get_item",
+            TableName=self.settings.table,
+            Key={KEY: {"S": WRITE_PROBE_KEY}},
+            ProjectionExpression=KEY,
+        )
+
+    async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
+        pk = lock_item_key(key)
+        deadline = self._deadline()
+        lease = _Lease.of(None)
+        for _ in range(_ACQUIRE_ROUNDS):
+            now = _now_ms()
+            granted, item = await self._update(
+                deadline,
+                pk,
+                _GRANT,
+                _GRANT_IF,
+                {
+                    ":client": {"S": client_id},
+                    ":expires": {"N": str(now + ttl_ms)},
+                    ":now": {"N": str(now)},
+                    ":stale": {"N": str(now - self._margin_ms)},
+                    ":one": {"N": "1"},
+                },
+                old_on_failure=True,
+            )
+            if granted:
+                return Acquisition(True, client_id, _Lease.of(item).token, ttl_ms)
+            if item is None:
+                # DynamoDB returns the old item with the failed condition; an implementation
+                # that does not (dynalite) gets it read back. The answer "no" stands either way.
+                item = await self._read(pk, deadline)
+            lease = _Lease.of(item)
+            if lease.holder != client_id:
+                if lease.holder is None:
+                    continue  # released between the two calls: try the grant again
+                return Acquisition(False, lease.holder, lease.token, lease.remaining_ms(now))
+            if lease.expires_at <= now:
+                continue  # the caller's own lease ran out meanwhile: the grant applies now
+            renewal = await self._extend(pk, client_id, ttl_ms, deadline)
+            if renewal.renewed:
+                return Acquisition(True, client_id, renewal.token, ttl_ms, refreshed=True)
+        # The lock changed hands on every round; report the last holder seen.
+        return Acquisition(False, lease.holder or "", lease.token, lease.remaining_ms(_now_ms()))
+
+    async def _extend(self, pk: str, client_id: str, ttl_ms: int, deadline: float) -> Renewal:
+        now = _now_ms()
+        renewed, item = await self._update(
+            deadline,
+            pk,
+            _EXTEND,
+            _EXTEND_IF,
+            {
+                ":client": {"S": client_id},
+                ":expires": {"N": str(now + ttl_ms)},
+                ":now": {"N": str(now)},
+            },
+            names={"#holder": HOLDER, "#expires": EXPIRES_AT},
+        )
+        return Renewal(True, _Lease.of(item).token) if renewed else Renewal(False)
+
+    async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
+        return await self._extend(lock_item_key(key), client_id, ttl_ms, self._deadline())
+
+    async def release(self, key: LockKey, client_id: str) -> bool:
+        released, _ = await self._update(
+            self._deadline(),
+            lock_item_key(key),
+            _RELEASE,
+            _RELEASE_IF,
+            {":client": {"S": client_id}, ":now": {"N": str(_now_ms())}},
+            names={"#holder": HOLDER, "#expires": EXPIRES_AT},
+        )
+        return released
+
+    async def get_leader(self, key: LockKey) -> Holder | None:
+        lease = _Lease.of(await self._read(lock_item_key(key), self._deadline()))
+        now = _now_ms()
+        if lease.holder is None or lease.expires_at <= now:
+            return None
+        return Holder(lease.holder, lease.token, lease.remaining_ms(now))
+
+
+@dataclass(frozen=True, slots=True)
+class _Lease:
+    """A lock item's attributes, decoded; `holder` is None while the lock is free."""
+
+    holder: str | None
+    expires_at: int
+    token: int
+
+    @classmethod
+    def of(cls, item: Mapping[str, Any] | None) -> _Lease:
+        item = item or {}
+        holder = item.get(HOLDER, {}).get("S")
+        expires_at = int(item.get(EXPIRES_AT, {}).get("N", 0))
+        return cls(holder, expires_at, int(item.get(TOKEN, {}).get("N", 0)))
+
+    def remaining_ms(self, now: int) -> int:
+        return max(0, self.expires_at - now)
+
+
+def _now_ms() -> int:
+    """This instance's wall clock: the only clock lease conditions can use (see above)."""
+    return time.time_ns() // 1_000_000
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _error_of(exc: ClientError) -> tuple[str, str]:
+    """The error's code and a one-line message (some emulators answer XML: tags dropped)."""
+    error = exc.response.get("Error", {})
+    message = str(error.get("Message") or exc.response.get("message") or "")
+    message = " ".join(re.sub(r"<[^>]*>", " ", message).split())
+    return str(error.get("Code") or "Unknown"), message[:300]

@@ -1,0 +1,652 @@
+"""What the DynamoDB store promises beyond the shared contract, on each implementation.
+
+`dynamodb_endpoint` is moto and dynalite in turn (or QQ_TEST_DYNAMODB_ENDPOINT). Where an
+implementation departs from DynamoDB's documentation, a test named `test_quirk_...`
+records what it does instead, so that a fixed emulator shows up as a failing quirk test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+from pydantic import ValidationError
+
+from quorum_quest.errors import StoreUnavailable
+from quorum_quest.stores import LockKey, store_class
+from quorum_quest.stores.dynamodb import (
+    PURGE_AT,
+    TOKEN,
+    DynamoSettings,
+    DynamoStore,
+    endpoint_url,
+    lock_item_key,
+)
+from tests.backends import free_port
+from tests.backends.dynamodb import IMPLEMENTATIONS, TEST_CREDENTIALS, Endpoint, moto_process
+
+pytestmark = pytest.mark.dynamodb
+
+SHORT_MS = 300
+LONG_MS = 30_000
+
+
+def make_store(**settings: Any) -> DynamoStore:
+    return store_class("dynamodb")(DynamoSettings.model_validate(settings))
+
+
+@asynccontextmanager
+async def started(config: dict[str, Any]) -> AsyncIterator[DynamoStore]:
+    store = make_store(**config)
+    try:
+        await store.start()
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def config(dynamodb_endpoint: Endpoint) -> Iterator[dict[str, Any]]:
+    """A `store:` section with a fresh table on the implementation under test."""
+    config = dynamodb_endpoint.store_config()
+    yield config
+    dynamodb_endpoint.delete_table(config["table"])
+
+
+def raw_item(endpoint: Endpoint, table: str, pk: str) -> dict[str, Any] | None:
+    answer = endpoint.admin().get_item(TableName=table, Key={"pk": {"S": pk}}, ConsistentRead=True)
+    return answer.get("Item")
+
+
+def fresh_key() -> LockKey:
+    return LockKey("svc-" + uuid.uuid4().hex[:8], "dom")
+
+
+async def expire(ttl_ms: int = SHORT_MS) -> None:
+    await asyncio.sleep(ttl_ms / 1000 + 0.15)
+
+
+# -- races and lease rules -------------------------------------------------------------
+
+
+async def test_two_store_instances_racing_on_one_lock_never_both_win(
+    config: dict[str, Any],
+) -> None:
+    async with started(config) as first, started(config) as second:
+        for _ in range(10):
+            key = fresh_key()
+            results = await asyncio.gather(
+                *(
+                    store.acquire(key, f"{name}-{n}", LONG_MS)
+                    for n in range(4)
+                    for name, store in (("first", first), ("second", second))
+                )
+            )
+            winners = [r for r in results if r.acquired]
+            assert len(winners) == 1, results
+            assert {r.holder for r in results} == {winners[0].holder}
+
+
+async def test_quirk_threaded_moto_server_can_grant_a_lock_twice() -> None:
+    """DynamoDB judges each conditional write atomically; moto's threaded server does not.
+
+    moto checks a condition and then applies the write without a lock, so two concurrent
+    requests can both pass. The tests therefore run moto's server single-threaded.
+    """
+    with moto_process(threaded=True) as moto:
+        config = moto.endpoint.store_config()
+        async with started(config) as first, started(config) as second:
+            for round_ in range(300):
+                key = fresh_key()
+                results = await asyncio.gather(
+                    *(
+                        store.acquire(key, f"{n}-{round_}", LONG_MS)
+                        for n in range(8)
+                        for store in (first, second)
+                    )
+                )
+                if sum(r.acquired for r in results) > 1:
+                    return  # seen in about one round of 16 here
+    pytest.fail("no double grant in 300 rounds: moto may now be atomic; revisit the plugin")
+
+
+async def test_two_store_instances_racing_for_an_expired_lease_never_both_win(
+    config: dict[str, Any],
+) -> None:
+    async with started(config) as first, started(config) as second:
+        key = fresh_key()
+        old = await first.acquire(key, "old", SHORT_MS)
+        await expire()
+        results = await asyncio.gather(
+            *(
+                store.acquire(key, f"c{n}-{id(store)}", LONG_MS)
+                for n in range(4)
+                for store in (first, second)
+            )
+        )
+        winners = [r for r in results if r.acquired]
+        assert len(winners) == 1, results
+        assert winners[0].token > old.token
+
+
+async def test_keep_alive_after_expiry_answers_not_renewed_and_does_not_revive(
+    dynamodb_endpoint: Endpoint, config: dict[str, Any]
+) -> None:
+    key = fresh_key()
+    async with started(config) as store:
+        await store.acquire(key, "alice", SHORT_MS)
+        before = raw_item(dynamodb_endpoint, config["table"], lock_item_key(key))
+        await expire()
+        assert not (await store.keep_alive(key, "alice", LONG_MS)).renewed
+        assert raw_item(dynamodb_endpoint, config["table"], lock_item_key(key)) == before
+        assert await store.get_leader(key) is None
+
+
+async def test_release_by_non_holder_changes_nothing(
+    dynamodb_endpoint: Endpoint, config: dict[str, Any]
+) -> None:
+    key = fresh_key()
+    async with started(config) as store:
+        await store.acquire(key, "alice", LONG_MS)
+        before = raw_item(dynamodb_endpoint, config["table"], lock_item_key(key))
+        assert await store.release(key, "bob") is False
+        assert raw_item(dynamodb_endpoint, config["table"], lock_item_key(key)) == before
+        assert (await store.get_leader(key)).client_id == "alice"
+
+
+async def test_release_of_an_expired_lease_is_refused_and_frees_nothing_early(
+    config: dict[str, Any],
+) -> None:
+    key = fresh_key()
+    async with started(config) as store:
+        await store.acquire(key, "alice", SHORT_MS)
+        await expire()
+        assert await store.release(key, "alice") is False
+        assert (await store.acquire(key, "bob", LONG_MS)).acquired
+
+
+async def test_foreign_lease_stays_taken_for_the_clock_skew_margin(
+    config: dict[str, Any],
+) -> None:
+    key = fresh_key()
+    async with started(config | {"clock_skew_margin": 1.0}) as store:
+        granted = await store.acquire(key, "alice", SHORT_MS)
+        await expire()
+        # Past its end by this instance's clock: the holder can no longer keep it alive...
+        assert not (await store.keep_alive(key, "alice", LONG_MS)).renewed
+        assert await store.get_leader(key) is None
+        # ...but another client cannot take it until the margin has passed as well.
+        refused = await store.acquire(key, "bob", LONG_MS)
+        assert not refused.acquired
+        assert (refused.holder, refused.token, refused.ttl_ms) == ("alice", granted.token, 0)
+        await asyncio.sleep(1.0)
+        assert (await store.acquire(key, "bob", LONG_MS)).acquired
+
+
+async def test_own_expired_lease_is_granted_again_with_a_new_token_without_margin(
+    config: dict[str, Any],
+) -> None:
+    key = fresh_key()
+    async with started(config | {"clock_skew_margin": 5.0}) as store:
+        first = await store.acquire(key, "alice", SHORT_MS)
+        await expire()
+        again = await store.acquire(key, "alice", LONG_MS)
+        assert again.acquired and not again.refreshed
+        assert again.token > first.token
+
+
+# -- the fencing counter ---------------------------------------------------------------
+
+
+async def test_tokens_strictly_increase_over_100_cycles(config: dict[str, Any]) -> None:
+    key = fresh_key()
+    tokens = []
+    async with started(config) as store:
+        for cycle in range(100):
+            client = f"client-{cycle % 7}"
+            granted = await store.acquire(key, client, LONG_MS)
+            assert granted.acquired
+            refreshed = await store.acquire(key, client, LONG_MS)
+            assert refreshed.refreshed and refreshed.token == granted.token
+            assert (await store.keep_alive(key, client, LONG_MS)).token == granted.token
+            tokens.append(granted.token)
+            assert await store.release(key, client)
+    assert all(a < b for a, b in zip(tokens, tokens[1:], strict=False)), tokens
+    assert tokens[-1] - tokens[0] == 99  # one ADD per grant, none per refresh or release
+
+
+async def test_counter_survives_release_and_ttl_cleanup(
+    dynamodb_endpoint: Endpoint, config: dict[str, Any]
+) -> None:
+    key = fresh_key()
+    admin = dynamodb_endpoint.admin()
+    async with started(config) as store:
+        released = await store.acquire(key, "alice", LONG_MS)
+        assert await store.release(key, "alice")
+        expired = await store.acquire(key, "bob", SHORT_MS)
+        await expire()
+
+        # Release and expiry leave the item, with its counter and without a holder's TTL.
+        item = raw_item(dynamodb_endpoint, config["table"], lock_item_key(key))
+        assert item is not None and int(item[TOKEN]["N"]) == expired.token
+        assert PURGE_AT not in item
+
+        # Do what native TTL may do at any time: delete every item carrying the attribute.
+        items = admin.scan(TableName=config["table"], ConsistentRead=True)["Items"]
+        doomed = [i for i in items if PURGE_AT in i]
+        assert [i["pk"]["S"] for i in doomed] == ["probe:write"]  # never a lock item
+        for doomed_item in doomed:
+            admin.delete_item(TableName=config["table"], Key={"pk": doomed_item["pk"]})
+
+        after = await store.acquire(key, "carol", LONG_MS)
+    assert released.token < expired.token < after.token
+
+
+async def test_create_table_makes_an_on_demand_table_with_ttl_on_purge_at(
+    dynamodb_endpoint: Endpoint, config: dict[str, Any]
+) -> None:
+    async with started(config):
+        pass
+    admin = dynamodb_endpoint.admin()
+    table = admin.describe_table(TableName=config["table"])["Table"]
+    assert table["TableStatus"] == "ACTIVE"
+    assert table["KeySchema"] == [{"AttributeName": "pk", "KeyType": "HASH"}]
+    assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+    ttl = admin.describe_time_to_live(TableName=config["table"])["TimeToLiveDescription"]
+    if dynamodb_endpoint.name == "dynalite":
+        # Quirk: dynalite has no UpdateTimeToLive (UnknownOperationException) and its
+        # DescribeTimeToLive always answers DISABLED. The store logs a warning and goes on.
+        assert ttl == {"TimeToLiveStatus": "DISABLED"}
+    else:
+        assert ttl["TimeToLiveStatus"] in ("ENABLED", "ENABLING")
+        assert ttl["AttributeName"] == PURGE_AT
+
+
+async def test_quirk_dynalite_has_no_update_time_to_live(dynalite_endpoint: Endpoint) -> None:
+    with pytest.raises(ClientError) as caught:
+        dynalite_endpoint.admin().update_time_to_live(
+            TableName="any-table",
+            TimeToLiveSpecification={"Enabled": True, "AttributeName": PURGE_AT},
+        )
+    assert caught.value.response["Error"]["Code"] == "UnknownOperationException"
+
+
+async def test_a_second_instance_starts_on_the_existing_table(config: dict[str, Any]) -> None:
+    async with started(config) as first:
+        assert (await first.acquire(LockKey("s", "d"), "alice", LONG_MS)).acquired
+    async with started(config) as second:
+        assert (await second.get_leader(LockKey("s", "d"))).client_id == "alice"
+
+
+async def test_missing_table_without_create_table_is_unavailable_naming_it(
+    config: dict[str, Any],
+) -> None:
+    store = make_store(**config, create_table=False)
+    with pytest.raises(StoreUnavailable, match="table does not exist") as caught:
+        await store.start()
+    assert caught.value.backend == "dynamodb"
+    assert config["table"] in str(caught.value)
+    await store.close()
+
+
+# -- what the conditional writes answer -------------------------------------------------
+
+
+async def test_quirk_return_values_on_condition_check_failure(
+    dynamodb_endpoint: Endpoint, config: dict[str, Any]
+) -> None:
+    """DynamoDB returns the old item with a failed condition when asked (ALL_OLD)."""
+    key = fresh_key()
+    async with started(config) as store:
+        await store.acquire(key, "alice", LONG_MS)
+        with pytest.raises(ClientError) as caught:
+            dynamodb_endpoint.admin().update_item(
+                TableName=config["table"],
+                Key={"pk": {"S": lock_item_key(key)}},
+                UpdateExpression="SET #h = :c",
+                ConditionExpression="attribute_not_exists(#h)",
+                ExpressionAttributeNames={"#h": "holder"},
+                ExpressionAttributeValues={":c": {"S": "bob"}},
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        # Both: a failed condition; the store still refuses the lock correctly either way,
+        # reading the holder back where the write did not return it.
+        assert caught.value.response["Error"]["Code"] == "ConditionalCheckFailedException"
+        assert (await store.acquire(key, "bob", LONG_MS)).holder == "alice"
+    if dynamodb_endpoint.name == "dynalite":
+        # Quirk: dynalite ignores ReturnValuesOnConditionCheckFailure (dynalite issue 182).
+        assert "Item" not in caught.value.response
+    else:
+        assert caught.value.response["Item"]["holder"] == {"S": "alice"}
+
+
+# -- failures: credentials, reachability, throttling ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto_checking_credentials() -> Iterator[Endpoint]:
+    """A moto_server that checks every request's credentials, as DynamoDB does."""
+    with moto_process(INITIAL_NO_AUTH_ACTION_COUNT="0") as process:
+        yield process.endpoint
+
+
+@pytest.fixture(params=["moto", "dynalite"])
+def emulator(request: pytest.FixtureRequest) -> Endpoint:
+    """Each emulator in turn, also when QQ_TEST_DYNAMODB_ENDPOINT names another endpoint."""
+    return request.getfixturevalue(f"{request.param}_endpoint")
+
+
+@pytest.fixture
+def checking_credentials(request: pytest.FixtureRequest) -> Endpoint:
+    """An endpoint that checks credentials: the one QQ_TEST_DYNAMODB_ENDPOINT names, or
+    moto told to. dynalite never checks them (`test_quirk_emulators_accept_any_credentials`).
+    """
+    if IMPLEMENTATIONS == ("endpoint",):
+        return request.getfixturevalue("other_endpoint")
+    return request.getfixturevalue("moto_checking_credentials")
+
+
+async def test_bad_credentials_are_unavailable_with_a_clear_message_within_the_deadline(
+    checking_credentials: Endpoint,
+) -> None:
+    config = checking_credentials.store_config(
+        accessKeyId="AKIANOTAREALKEY00000", secretAccessKey="wrong", timeout=1.0
+    )
+    store = make_store(**config)
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailable) as caught:
+        await store.start()
+    assert time.monotonic() - began < 1.5
+    await store.close()
+    assert caught.value.backend == "dynamodb"
+    assert "refused" in caught.value.detail and "accessKeyId" in caught.value.detail
+    assert "security token included in the request is invalid" in caught.value.detail
+
+
+async def test_quirk_moto_rejects_bad_credentials_with_403_xml(
+    moto_checking_credentials: Endpoint,
+) -> None:
+    """DynamoDB answers HTTP 400 with JSON `UnrecognizedClientException`; moto does not."""
+    with pytest.raises(ClientError) as caught:
+        moto_checking_credentials.admin().list_tables()
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert caught.value.response["Error"]["Code"] == "403"
+    assert "<Code>InvalidClientTokenId</Code>" in caught.value.response["Error"]["Message"]
+
+
+async def test_quirk_emulators_accept_any_credentials(emulator: Endpoint) -> None:
+    """dynalite never checks them; moto only with INITIAL_NO_AUTH_ACTION_COUNT set."""
+    config = emulator.store_config(accessKeyId="AKIANOTAREALKEY00000", secretAccessKey="x")
+    async with started(config) as store:
+        assert (await store.acquire(fresh_key(), "alice", LONG_MS)).acquired
+    emulator.delete_table(config["table"])
+
+
+async def test_no_credentials_anywhere_is_unavailable_saying_so(
+    dynamodb_endpoint: Endpoint, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    isolate_from_aws_environment(monkeypatch, tmp_path)
+    config = dynamodb_endpoint.store_config()
+    config.pop("accessKeyId", None)
+    config.pop("secretAccessKey", None)
+    store = make_store(**config, timeout=1.0)
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="Unable to locate credentials"):
+        await store.start()
+    assert time.monotonic() - began < 1.5
+    await store.close()
+
+
+async def test_profile_is_used_for_credentials(
+    emulator: Endpoint, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    isolate_from_aws_environment(monkeypatch, tmp_path)
+    (tmp_path / "credentials").write_text(
+        "[qq]\n"
+        f"aws_access_key_id = {TEST_CREDENTIALS['accessKeyId']}\n"
+        f"aws_secret_access_key = {TEST_CREDENTIALS['secretAccessKey']}\n"
+    )
+    config = emulator.store_config()
+    del config["accessKeyId"], config["secretAccessKey"]
+    # Without the profile there is no credential at all (see the test above).
+    async with started(config | {"profile": "qq"}) as store:
+        assert (await store.acquire(fresh_key(), "alice", LONG_MS)).acquired
+    emulator.delete_table(config["table"])
+    missing = make_store(**config, profile="nobody")
+    with pytest.raises(StoreUnavailable, match="nobody"):
+        await missing.start()
+    await missing.close()
+
+
+def isolate_from_aws_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", raising=False)
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", raising=False)
+    monkeypatch.delenv("AWS_WEB_IDENTITY_TOKEN_FILE", raising=False)
+
+
+async def test_unreachable_endpoint_is_unavailable_within_the_deadline() -> None:
+    store = make_store(
+        endpoints=[f"127.0.0.1:{free_port()}"], region="us-east-1", timeout=0.8, **TEST_CREDENTIALS
+    )
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailable) as caught:
+        await store.acquire(LockKey("svc", "dom"), "alice", LONG_MS)
+    elapsed = time.monotonic() - began
+    await store.close()
+    assert elapsed < 1.3, elapsed
+    assert caught.value.backend == "dynamodb"
+    assert "http://127.0.0.1" in caught.value.detail
+    assert "Could not connect to the endpoint URL" in caught.value.detail
+
+
+async def test_endpoint_that_never_answers_is_unavailable_within_the_deadline() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # connections are accepted by the kernel, never answered
+        port = silent.getsockname()[1]
+        store = make_store(
+            endpoints=[f"127.0.0.1:{port}"], region="us-east-1", timeout=0.8, **TEST_CREDENTIALS
+        )
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="deadline") as caught:
+            await store.keep_alive(LockKey("svc", "dom"), "alice", LONG_MS)
+        elapsed = time.monotonic() - began
+        await store.close()
+    assert elapsed < 1.3, elapsed
+    assert caught.value.backend == "dynamodb"
+
+
+async def test_no_region_is_unavailable_saying_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    isolate_from_aws_environment(monkeypatch, tmp_path)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    store = make_store(endpoints=[f"127.0.0.1:{free_port()}"], **TEST_CREDENTIALS)
+    with pytest.raises(StoreUnavailable, match="no region; set region or AWS_REGION"):
+        await store.acquire(LockKey("svc", "dom"), "alice", LONG_MS)
+    await store.close()
+
+
+class _ScriptedClient:
+    """Answers `update_item` from a script: exceptions are raised, anything else returned."""
+
+    def __init__(self, *script: Any) -> None:
+        self.script = list(script)
+        self.calls = 0
+
+    async def update_item(self, **params: Any) -> Any:
+        self.calls += 1
+        step = self.script.pop(0) if self.script else self.script_end
+        if isinstance(step, BaseException):
+            raise step
+        return step
+
+    script_end: Any = None
+
+
+def _throttled() -> ClientError:
+    return ClientError(
+        {
+            "Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow down"},
+            "ResponseMetadata": {"HTTPStatusCode": 400},
+        },
+        "UpdateItem",
+    )
+
+
+async def test_throttling_is_retried_within_the_deadline() -> None:
+    store = make_store(region="us-east-1", timeout=2.0)
+    store._client = _ScriptedClient(
+        _throttled(), _throttled(), {"Attributes": {"token": {"N": "7"}}}
+    )
+    renewal = await store.keep_alive(LockKey("svc", "dom"), "alice", LONG_MS)
+    assert renewal.renewed and renewal.token == 7
+    assert store._client.calls == 3
+
+
+async def test_throttling_past_the_deadline_is_unavailable() -> None:
+    store = make_store(region="us-east-1", timeout=0.5)
+    client = _ScriptedClient()
+    client.script_end = _throttled()
+    store._client = client
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="ProvisionedThroughputExceededException"):
+        await store.keep_alive(LockKey("svc", "dom"), "alice", LONG_MS)
+    assert time.monotonic() - began < 0.6
+    assert client.calls > 1
+
+
+async def test_validation_errors_are_not_retried() -> None:
+    store = make_store(region="us-east-1")
+    store._client = _ScriptedClient(
+        ClientError(
+            {
+                "Error": {"Code": "ValidationException", "Message": "bad expression"},
+                "ResponseMetadata": {"HTTPStatusCode": 400},
+            },
+            "UpdateItem",
+        )
+    )
+    with pytest.raises(StoreUnavailable, match="ValidationException: bad expression"):
+        await store.release(LockKey("svc", "dom"), "alice")
+    assert store._client.calls == 1
+
+
+# -- keys and settings -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (LockKey("a:b", "c"), LockKey("a", "b:c")),
+        (LockKey("a%3Ab", "c"), LockKey("a:b", "c")),
+        (LockKey("lock:a", "b"), LockKey("lock", "a:b")),
+        (LockKey("a", ""), LockKey("", "a")),
+        (LockKey("ünï", "cödé"), LockKey("ünï", "cöde")),
+        (LockKey("a/b", "c"), LockKey("a", "b/c")),
+    ],
+)
+def test_distinct_pairs_get_distinct_partition_keys(first: LockKey, second: LockKey) -> None:
+    assert lock_item_key(first) != lock_item_key(second)
+
+
+def test_partition_key_is_readable_for_plain_names_and_within_dynamodbs_limit() -> None:
+    assert lock_item_key(LockKey("orders", "eu-west_1.x")) == "lock:orders:eu-west_1.x"
+    assert lock_item_key(LockKey("a b", "c:d")) == "lock:a%20b:c%3Ad"
+    longest = lock_item_key(LockKey("é" * 128, "ü" * 128))  # 256 bytes each, the maximum
+    assert len(longest.encode()) <= 2048  # DynamoDB's partition key limit
+
+
+async def test_lock_items_are_stored_under_the_encoded_key(
+    dynamodb_endpoint: Endpoint, config: dict[str, Any]
+) -> None:
+    async with started(config) as store:
+        await store.acquire(LockKey("orders:eu", "shard/7"), "alice", LONG_MS)
+    item = raw_item(dynamodb_endpoint, config["table"], "lock:orders%3Aeu:shard%2F7")
+    assert item is not None and item["holder"] == {"S": "alice"}
+
+
+def test_dynamo_alias_names_the_dynamodb_store() -> None:
+    assert store_class("dynamo") is DynamoStore is store_class("dynamodb")
+    assert DynamoStore.backend == "dynamodb"
+
+
+def test_seed_config_keys_are_accepted() -> None:
+    settings = DynamoSettings.model_validate(
+        {
+            "region": "us-west-2",
+            "table": "quorumquest",
+            "ttl": 15,
+            "endpoints": ["dynamodb.us-west-2.amazonaws.com"],
+            "accessKeyId": "",
+            "secretAccessKey": "",
+        }
+    )
+    assert settings.endpoint_url == "https://dynamodb.us-west-2.amazonaws.com"
+    assert settings.create_table is True
+    assert DynamoSettings().endpoint_url is None
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [{"accessKeyId": "AKIA"}, {"secretAccessKey": "s3cret"}],
+)
+def test_access_keys_go_together(keys: dict[str, str]) -> None:
+    with pytest.raises(ValidationError, match="accessKeyId and secretAccessKey go together"):
+        DynamoSettings.model_validate(keys)
+
+
+def test_profile_and_access_keys_are_exclusive() -> None:
+    with pytest.raises(ValidationError, match="either profile or accessKeyId"):
+        DynamoSettings(profile="p", accessKeyId="a", secretAccessKey="s")
+
+
+def test_secret_is_not_shown() -> None:
+    settings = DynamoSettings(accessKeyId="a", secretAccessKey="s3cret-value")
+    assert "s3cret-value" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("given", "url"),
+    [
+        ("dynamodb.us-west-2.amazonaws.com", "https://dynamodb.us-west-2.amazonaws.com"),
+        ("dynamodb.example.internal:8443", "https://dynamodb.example.internal:8443"),
+        ("localhost:8000", "http://localhost:8000"),
+        ("127.0.0.1:4567", "http://127.0.0.1:4567"),
+        ("[::1]:8000", "http://[::1]:8000"),
+        ("http://dynamo.local:8000", "http://dynamo.local:8000"),
+        ("https://dynamodb.eu-west-1.amazonaws.com/", "https://dynamodb.eu-west-1.amazonaws.com"),
+        (" http://127.0.0.1:9000 ", "http://127.0.0.1:9000"),
+    ],
+)
+def test_endpoint_forms(given: str, url: str) -> None:
+    assert endpoint_url(given) == url
+    assert DynamoSettings(endpoints=[given]).endpoint_url == url
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "ftp://host", "http://", "host:notaport", "https://user:pw@host", "http://h?x=1"]
+)
+def test_bad_endpoints_are_rejected(bad: str) -> None:
+    with pytest.raises(ValidationError, match="endpoints"):
+        DynamoSettings(endpoints=[bad])
+
+
+@pytest.mark.parametrize("bad", ["ab", "has space", "a" * 256, "semi;colon"])
+def test_bad_table_names_are_rejected(bad: str) -> None:
+    with pytest.raises(ValidationError, match="table"):
+        DynamoSettings(table=bad)

@@ -1,0 +1,558 @@
+"""The ScyllaDB store (also Apache Cassandra): every lock change one lightweight transaction.
+
+One row per lock, in one partition of its own:
+
+    CREATE TABLE "<keyspace>"."<table>" (
+        service       text,
+        domain        text,
+        holder        text,     -- client_id of the holder; null while the lock is free
+        expires_at    bigint,   -- end of the lease, Unix epoch milliseconds; null while free
+        fencing_token bigint,   -- the last token issued for this lock; never removed
+        PRIMARY KEY ((service, domain)))
+
+service and domain are two key columns, so no two pairs can collide. Every write is a
+conditional statement (LWT): Paxos at `serial_consistency` decides it, the commit goes
+out at `consistency`, and the answer carries `[applied]` and, when not applied, the
+current values of the row. Each decision is taken by the server on the row as it is at
+that moment; no write ever depends on an earlier plain read:
+
+    create   INSERT (service, domain, holder, expires_at, fencing_token) IF NOT EXISTS
+    take     UPDATE SET holder, expires_at, fencing_token
+             IF holder = <seen> AND expires_at = <seen> AND fencing_token = <seen>
+    refresh  UPDATE SET expires_at
+             IF holder = <me> AND fencing_token = <seen> AND expires_at > <now>
+    extend   UPDATE SET expires_at IF holder = <me> AND expires_at > <now>
+    release  DELETE holder, expires_at IF holder = <me> AND expires_at > <now>
+
+`acquire` sends `create`: it grants a lock never used before, and otherwise answers with
+the whole row. A live lease of someone else is a refusal; the caller's own live lease
+is refreshed (same token); a free or expired lock is taken with a compare-and-set on the
+exact row it saw, so a change in between (another grant, a refresh) fails the condition,
+whose answer is the new row to decide on again. `keep_alive` is `extend`; Cassandra
+answers an applied LWT with `[applied]` alone (ScyllaDB adds the old row), so the token
+is then read at the serial consistency. `release` is `release`; `get_leader` reads at
+the serial consistency.
+
+Why no CQL TTL holds the lease: TTLs count whole seconds, and a cell's expiry is judged on
+each replica's clock at second granularity, so a 1 s TTL can end after a few
+milliseconds. The lease end is therefore `expires_at`, in milliseconds, and it is judged
+on the service instance's wall clock (`<now>`), as in the DynamoDB store: instances
+sharing a table need synchronised clocks, and an instance takes over a foreign lease only
+`clock_skew_margin` after its end. The row, and with it `fencing_token`, is never deleted
+(release removes only the lease cells), so the counter survives expiry and release, like
+the Redis counter key. A new token is `max(seen + 1, wall clock in microseconds)`: the
+compare-and-set on the seen token makes it larger than every token issued before, and the
+clock floor keeps tokens rising even if the table is dropped and created again.
+
+A write whose Paxos round times out has an unknown outcome: it may still be applied
+(a later round completes it). Such calls raise `StoreUnavailable` saying so; the caller
+learns the truth by calling again (an acquire by the same client refreshes its own lease).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import acsylla
+from acsylla import errors as cass_errors
+from loguru import logger
+from pydantic import Field, ValidationInfo, field_validator
+
+from quorum_quest.errors import StoreUnavailable
+from quorum_quest.stores.base import (
+    Acquisition,
+    Holder,
+    LockKey,
+    LockStore,
+    Renewal,
+    StoreSettings,
+)
+
+_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
+_WRITE_CONSISTENCIES = {
+    "ANY",
+    "ONE",
+    "TWO",
+    "THREE",
+    "QUORUM",
+    "ALL",
+    "LOCAL_QUORUM",
+    "EACH_QUORUM",
+    "LOCAL_ONE",
+}
+_SERIAL_CONSISTENCIES = {"SERIAL", "LOCAL_SERIAL"}
+_STRATEGIES = {"SimpleStrategy", "NetworkTopologyStrategy"}
+# The rounds of compare-and-set one acquire may need: each retry means the row changed in
+# between (another grant or refresh), so a few suffice unless a lock is fought over hard.
+_MAX_ROUNDS = 8
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS {table} (
+    service text, domain text, holder text, expires_at bigint, fencing_token bigint,
+    PRIMARY KEY ((service, domain)))
+"""
+_KEY = "WHERE service = ? AND domain = ?"
+# Every write is a conditional statement; `{table}` is the quoted "keyspace"."table".
+_STATEMENTS = {
+    "create": "INSERT INTO {table} (service, domain, holder, expires_at, fencing_token) "
+    "VALUES (?, ?, ?, ?, ?) IF NOT EXISTS",
+    "take": "UPDATE {table} SET holder = ?, expires_at = ?, fencing_token = ? "
+    + _KEY
+    + " IF holder = ? AND expires_at = ? AND fencing_token = ?",
+    "refresh": "UPDATE {table} SET expires_at = ? "
+    + _KEY
+    + " IF holder = ? AND fencing_token = ? AND expires_at > ?",
+    "extend": "UPDATE {table} SET expires_at = ? " + _KEY + " IF holder = ? AND expires_at > ?",
+    "release": "DELETE holder, expires_at FROM {table} "
+    + _KEY
+    + " IF holder = ? AND expires_at > ?",
+    "read": "SELECT holder, expires_at, fencing_token FROM {table} " + _KEY,
+    "ping": "SELECT release_version FROM system.local",
+}
+_NO_SCHEMA_HINT = " (create_schema is off: create the table as docs/backends/scylladb.md shows)"
+# Server and client timeouts: the LWT may or may not have been applied.
+_UNKNOWN_OUTCOME = (
+    cass_errors.CassErrorServerWriteTimeout,
+    cass_errors.CassErrorServerReadTimeout,
+    cass_errors.CassErrorServerWriteFailure,
+    cass_errors.CassErrorLibRequestTimedOut,
+)
+
+
+def _consistency_name(value: str, allowed: set[str]) -> str:
+    """`CONSISTENCY_QUORUM`, `quorum` and `QUORUM` all name QUORUM."""
+    name = value.strip().upper().removeprefix("CONSISTENCY_")
+    if name not in allowed:
+        raise ValueError(f"unknown consistency {value!r}; use one of {', '.join(sorted(allowed))}")
+    return name
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int | None]:
+    """`host`, `host:port`, `[v6]:port` or a bare IPv6 address -> (host, port or None)."""
+    endpoint = endpoint.strip()
+    if endpoint.startswith("["):
+        host, _, rest = endpoint[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif endpoint.count(":") == 1:
+        host, port = endpoint.split(":")
+    else:
+        host, port = endpoint, ""
+    if not host:
+        raise ValueError(f"endpoint {endpoint!r} names no host")
+    if not port:
+        return host, None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"endpoint {endpoint!r} has no valid port")
+    return host, int(port)
+
+
+class ScyllaSettings(StoreSettings):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9042, gt=0, lt=65536)
+    endpoints: list[str] = Field(
+        default_factory=list,
+        description="contact points, host[:port]; when given they replace host/port",
+    )
+    keyspace: str = "quorumquest"
+    table: str = "services"
+    consistency: str = Field(default="QUORUM", description="commit consistency of every write")
+    serial_consistency: str = Field(
+        default="SERIAL", description="Paxos consistency: SERIAL or LOCAL_SERIAL"
+    )
+    username: str = ""
+    password: str = ""
+    local_datacenter: str = Field(default="", description="route to this datacenter first")
+    create_schema: bool = Field(default=True, description="create a missing keyspace and table")
+    replication: dict[str, Any] | None = Field(
+        default=None,
+        description="keyspace replication: {class: NetworkTopologyStrategy, <dc>: 3, ...}",
+        validate_default=True,
+    )
+    clock_skew_margin: float = Field(
+        default=1.0,
+        ge=0,
+        description="seconds a foreign lease stays taken after its end, for clock skew",
+    )
+    request_timeout: float = Field(default=5.0, gt=0, description="seconds per CQL request")
+    connect_timeout: float = Field(default=5.0, gt=0, description="seconds to connect to a node")
+
+    @field_validator("keyspace", "table")
+    @classmethod
+    def _cql_identifier(cls, value: str) -> str:
+        if not _IDENTIFIER.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a valid name: use 1 to 48 letters, digits or underscores, "
+                "starting with a letter"
+            )
+        return value
+
+    @field_validator("consistency")
+    @classmethod
+    def _write_consistency(cls, value: str) -> str:
+        return _consistency_name(value, _WRITE_CONSISTENCIES)
+
+    @field_validator("serial_consistency")
+    @classmethod
+    def _serial_consistency(cls, value: str) -> str:
+        return _consistency_name(value, _SERIAL_CONSISTENCIES)
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):  # QUORUMQUEST_STORE_ENDPOINTS="a:9042,b:9042"
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("endpoints")
+    @classmethod
+    def _one_port(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        # The driver connects to every contact point on one port.
+        ports = {port for _, port in map(_split_endpoint, value)}
+        if len(ports - {None}) > 1 or (len(ports) > 1 and info.data.get("port") not in ports):
+            raise ValueError(
+                "all endpoints must use one port (the driver connects to every contact point "
+                f"on the same port); got {', '.join(value)}"
+            )
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _needs_username(cls, value: str, info: ValidationInfo) -> str:
+        if value and not info.data.get("username"):
+            raise ValueError("a password needs a username")
+        return value
+
+    @field_validator("replication")
+    @classmethod
+    def _replication(
+        cls, value: dict[str, Any] | None, info: ValidationInfo
+    ) -> dict[str, Any] | None:
+        if value is None:
+            if info.data.get("create_schema", True) and len(info.data.get("endpoints") or []) > 1:
+                raise ValueError(
+                    "required to create the keyspace on a cluster of several endpoints, e.g. "
+                    "{class: NetworkTopologyStrategy, <datacenter>: 3}"
+                )
+            return None
+        strategy = str(value.get("class", "")).rsplit(".", 1)[-1]
+        if strategy not in _STRATEGIES:
+            raise ValueError(f"'class' must be one of {', '.join(sorted(_STRATEGIES))}")
+        factors = {key: factor for key, factor in value.items() if key != "class"}
+        if strategy == "SimpleStrategy" and set(factors) != {"replication_factor"}:
+            raise ValueError(
+                "SimpleStrategy takes exactly one key besides 'class': replication_factor"
+            )
+        if not factors:
+            raise ValueError("name a replication factor per datacenter, e.g. {<datacenter>: 3}")
+        for key, factor in factors.items():
+            if isinstance(factor, bool) or not str(factor).isdigit() or int(factor) < 1:
+                raise ValueError(f"the replication factor of {key!r} must be a positive integer")
+        return {"class": strategy, **{key: int(factor) for key, factor in factors.items()}}
+
+    def contact_points(self) -> tuple[list[str], int]:
+        """The hosts the driver starts from, and the one port it uses for all of them."""
+        if not self.endpoints:
+            return [self.host], self.port
+        split = [_split_endpoint(endpoint) for endpoint in self.endpoints]
+        ports = {port for _, port in split if port is not None}
+        return [host for host, _ in split], ports.pop() if ports else self.port
+
+    def replication_cql(self) -> str:
+        """The keyspace's replication map as a CQL literal (SimpleStrategy RF 1 by default)."""
+        replication = self.replication or {"class": "SimpleStrategy", "replication_factor": 1}
+        return (
+            "{"
+            + ", ".join(f"{_cql_string(k)}: {_cql_string(str(v))}" for k, v in replication.items())
+            + "}"
+        )
+
+
+def _cql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """A lock row as an LWT answer or a read shows it; all None when there is no row."""
+
+    holder: str | None = None
+    expires_at: int | None = None
+    token: int | None = None
+
+    def live(self, now_ms: int, margin_ms: int = 0) -> bool:
+        return (
+            self.holder is not None
+            and self.expires_at is not None
+            and self.expires_at + margin_ms > now_ms
+        )
+
+
+class ScyllaStore(LockStore):
+    backend = "scylladb"
+    settings_model = ScyllaSettings
+    settings: ScyllaSettings
+
+    def __init__(self, settings: ScyllaSettings) -> None:
+        super().__init__(settings)
+        hosts, port = settings.contact_points()
+        self._where = ",".join(hosts) + f":{port}"
+        self._table = f'"{settings.keyspace}"."{settings.table}"'
+        self._margin_ms = int(settings.clock_skew_margin * 1000)
+        self._write_cl = getattr(acsylla.Consistency, settings.consistency)
+        self._serial_cl = getattr(acsylla.Consistency, settings.serial_consistency)
+        options: dict[str, Any] = {
+            "port": port,
+            "consistency": self._write_cl,
+            "serial_consistency": self._serial_cl,
+            "request_timeout": settings.request_timeout,
+            "connect_timeout": settings.connect_timeout,
+            "application_name": "quorum-quest",
+        }
+        if settings.username:
+            options.update(username=settings.username, password=settings.password)
+        if settings.local_datacenter:
+            options["load_balance_dc_aware"] = settings.local_datacenter
+        self._cluster = acsylla.create_cluster(hosts, **options)
+        self._session: acsylla.Session | None = None
+        self._statements: dict[str, acsylla.PreparedStatement] = {}
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            self._session = await self._cluster.create_session()
+        except cass_errors.CassException as exc:
+            raise StoreUnavailable(self.backend, f"cannot connect to {self._where}: {exc}") from exc
+        try:
+            if self.settings.create_schema:
+                await self._create_schema()
+            await self._prepare()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _create_schema(self) -> None:
+        keyspace, table = self.settings.keyspace, self.settings.table
+        if not await self._exists("keyspaces", keyspace):
+            if self.settings.replication is None:
+                logger.warning(
+                    "scylladb: creating keyspace {} with SimpleStrategy and replication factor 1: "
+                    "for development only; production wants NetworkTopologyStrategy with 3 "
+                    "replicas per datacenter (store.replication)",
+                    keyspace,
+                )
+            create = (
+                f'CREATE KEYSPACE IF NOT EXISTS "{keyspace}" '
+                f"WITH replication = {self.settings.replication_cql()}"
+            )
+            if await self._is_scylla():
+                # ScyllaDB has refused LWT on tablet keyspaces; versions without tablets
+                # (or that enforce them) reject the option, and get the plain statement.
+                try:
+                    await self._ddl(create + " AND tablets = {'enabled': false}")
+                except (
+                    cass_errors.CassErrorServerSyntaxError,
+                    cass_errors.CassErrorServerConfigError,
+                    cass_errors.CassErrorServerInvalidQuery,
+                ):
+                    await self._ddl(create)
+            else:
+                await self._ddl(create)
+            logger.info("scylladb: created keyspace {} on {}", keyspace, self._where)
+        if not await self._exists("tables", keyspace, table):
+            await self._ddl(_CREATE_TABLE.format(table=self._table))
+            logger.info("scylladb: created table {}.{} on {}", keyspace, table, self._where)
+
+    async def _exists(self, kind: str, keyspace: str, table: str = "") -> bool:
+        query = f"SELECT keyspace_name FROM system_schema.{kind} WHERE keyspace_name = ?"
+        values = [keyspace]
+        if table:
+            query += " AND table_name = ?"
+            values.append(table)
+        result = await self._execute(
+            "schema set-up", acsylla.create_statement(query, parameters=len(values)), values
+        )
+        return result.first() is not None
+
+    async def _is_scylla(self) -> bool:
+        """ScyllaDB's system.local has columns of its own (scylla_nr_shards, ...)."""
+        statement = acsylla.create_statement("SELECT * FROM system.local")
+        local = await self._execute("schema set-up", statement)
+        return any(name.startswith("scylla_") for name in local.columns_names())
+
+    async def _ddl(self, query: str) -> None:
+        await self._execute("schema set-up", acsylla.create_statement(query))
+
+    async def _prepare(self) -> None:
+        """Prepare every statement once for this session (a missing table fails here)."""
+        assert self._session is not None
+        for name, template in _STATEMENTS.items():
+            try:
+                self._statements[name] = await self._session.create_prepared(
+                    template.format(table=self._table)
+                )
+            except cass_errors.CassException as exc:
+                hint = "" if self.settings.create_schema else _NO_SCHEMA_HINT
+                raise StoreUnavailable(
+                    self.backend,
+                    f"{self._where}: cannot prepare {name} on {self._table}: {exc}{hint}",
+                ) from exc
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        self._statements = {}
+        if session is not None:
+            await session.close()
+
+    # -- running statements ---------------------------------------------------------------
+
+    async def _execute(
+        self,
+        operation: str,
+        statement: Any,
+        values: list[Any] | None = None,
+        *,
+        lwt: bool = False,
+        consistency: acsylla.Consistency | None = None,
+    ) -> acsylla.Result:
+        if self._session is None:
+            raise StoreUnavailable(self.backend, f"{self._where}: the store is not started")
+        try:
+            if isinstance(statement, str):
+                statement = self._statements[statement].bind(values, consistency=consistency)
+            elif values is not None:
+                statement.bind_list(values)
+            return await self._session.execute(statement)
+        except _UNKNOWN_OUTCOME as exc:
+            if lwt:
+                raise StoreUnavailable(
+                    self.backend,
+                    f"{self._where}: {operation}: the outcome is unknown: the lightweight "
+                    f"transaction timed out and may still be applied; call again to learn the "
+                    f"state ({exc})",
+                ) from exc
+            raise StoreUnavailable(self.backend, f"{self._where}: {operation}: {exc}") from exc
+        except (cass_errors.CassException, OSError) as exc:
+            raise StoreUnavailable(self.backend, f"{self._where}: {operation}: {exc}") from exc
+
+    async def _lwt(
+        self, operation: str, statement: str, values: list[Any]
+    ) -> tuple[bool, _Row | None]:
+        """Run a conditional statement: whether it applied, and the row its answer shows.
+
+        The row is None when the answer carries no row values (Cassandra answers an applied
+        LWT with `[applied]` alone, and a refused one with the columns of its conditions).
+        """
+        row = (await self._execute(operation, statement, values, lwt=True)).first()
+        if row is None:
+            raise StoreUnavailable(
+                self.backend, f"{self._where}: {operation}: an LWT answered no row"
+            )
+        answer = row.as_dict()
+        applied = bool(answer["[applied]"])
+        if not {"holder", "expires_at", "fencing_token"} <= answer.keys():
+            return applied, None
+        return applied, _Row(answer["holder"], answer["expires_at"], answer["fencing_token"])
+
+    async def _read(self, operation: str, key: LockKey) -> _Row:
+        """The lock's row, read linearizably (at the serial consistency)."""
+        result = await self._execute(
+            operation, "read", [key.service, key.domain], consistency=self._serial_cl
+        )
+        row = result.first()
+        if row is None:
+            return _Row()
+        answer = row.as_dict()
+        return _Row(answer["holder"], answer["expires_at"], answer["fencing_token"])
+
+    # -- the protocol ---------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._execute("ping", "ping", [], consistency=acsylla.Consistency.ONE)
+
+    async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
+        now_ms, token = _now_ms(), _now_us()
+        applied, seen = await self._lwt(
+            "acquire",
+            "create",
+            [key.service, key.domain, client_id, now_ms + ttl_ms, token],
+        )
+        if applied:
+            return Acquisition(True, client_id, token, ttl_ms)
+        for _ in range(_MAX_ROUNDS):
+            if seen is None:  # a refused take always shows its condition columns; be safe
+                seen = await self._read("acquire", key)
+            now_ms = _now_ms()
+            if seen.holder == client_id and seen.live(now_ms):
+                held = seen.token
+                applied, seen = await self._lwt(
+                    "acquire",
+                    "refresh",
+                    [now_ms + ttl_ms, key.service, key.domain, client_id, held, now_ms],
+                )
+                if applied:
+                    return Acquisition(True, client_id, held or 0, ttl_ms, refreshed=True)
+                continue
+            if seen.holder != client_id and seen.live(now_ms, self._margin_ms):
+                assert seen.expires_at is not None
+                return Acquisition(
+                    False, seen.holder or "", seen.token or 0, max(0, seen.expires_at - now_ms)
+                )
+            token = max((seen.token or 0) + 1, _now_us())
+            applied, seen = await self._lwt(
+                "acquire",
+                "take",
+                [
+                    client_id,
+                    now_ms + ttl_ms,
+                    token,
+                    key.service,
+                    key.domain,
+                    seen.holder,
+                    seen.expires_at,
+                    seen.token,
+                ],
+            )
+            if applied:
+                return Acquisition(True, client_id, token, ttl_ms)
+        return Acquisition(False, "", 0, 0)
+
+    async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
+        now_ms = _now_ms()
+        applied, seen = await self._lwt(
+            "keep_alive", "extend", [now_ms + ttl_ms, key.service, key.domain, client_id, now_ms]
+        )
+        if not applied:
+            return Renewal(False)
+        if seen is not None and seen.holder == client_id and seen.token is not None:
+            return Renewal(True, seen.token)  # ScyllaDB answers with the row it changed
+        # Cassandra answers an applied LWT without the row: read the token of the lease just
+        # extended. Serially, so the read sees that lease (or whatever replaced it since).
+        row = await self._read("keep_alive", key)
+        if row.holder != client_id or row.token is None:
+            return Renewal(False)
+        return Renewal(True, row.token)
+
+    async def release(self, key: LockKey, client_id: str) -> bool:
+        applied, _ = await self._lwt(
+            "release", "release", [key.service, key.domain, client_id, _now_ms()]
+        )
+        return applied
+
+    async def get_leader(self, key: LockKey) -> Holder | None:
+        row = await self._read("get_leader", key)
+        now_ms = _now_ms()
+        if not row.live(now_ms):
+            return None
+        assert row.holder is not None and row.expires_at is not None
+        return Holder(row.holder, row.token or 0, max(0, row.expires_at - now_ms))
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1_000

@@ -166,3 +166,28 @@ def test_backend_aliases_resolve_to_the_canonical_backend(
 ) -> None:
     monkeypatch.setitem(registry._registered, canonical, MemoryStore)
     assert load(f"backend: {{type: {alias}}}\n", tmp_path).backend.type == canonical
+
+
+def test_the_seed_scylladb_example_loads_as_written() -> None:
+    settings = load_settings(SEED / "scylladb.yaml", {})
+    store = settings.store_settings()
+    assert settings.backend.type == "scylladb"
+    assert (store.keyspace, store.table, store.ttl) == ("quorumquest", "services", 15)
+    assert list(store.endpoints) == ["localhost:9042"]
+
+
+def test_the_seed_dynamodb_example_loads_as_written() -> None:
+    settings = load_settings(SEED / "dynamodb.yaml", {})
+    store = settings.store_settings()
+    assert settings.backend.type == "dynamodb"
+    assert (store.region, store.table, store.ttl) == ("us-west-2", "quorumquest", 15)
+    assert store.endpoint_url == "https://dynamodb.us-west-2.amazonaws.com"
+
+
+def test_seed_environment_names_reach_backend_specific_keys() -> None:
+    settings = load_settings(
+        SEED / "dynamodb.yaml",
+        {"QUORUMQUEST_STORE_ACCESSKEYID": "AKIA1", "QUORUMQUEST_STORE_SECRETACCESSKEY": "s"},
+    )
+    assert settings.store["accessKeyId"] == "AKIA1"
+    assert settings.store_settings().accessKeyId == "AKIA1"

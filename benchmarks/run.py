@@ -3,6 +3,10 @@
 uv run python -m benchmarks.run [--targets memory,redis,redis-direct]
     [--scenarios distinct,contended] [--clients 1,10,50] [--duration 3]
     [--warmup 0.5] [--timeout 2] [--redis-url redis://127.0.0.1:6379/0]
+    [--trace-sample-ratio 0.1]
+
+More targets: memory+obs and redis+obs (observability fully on), e.g.
+--targets memory,memory+obs,redis,redis+obs for the cost of observability.
 """
 
 from __future__ import annotations
@@ -26,13 +30,21 @@ from urllib.parse import urlsplit
 import redis
 
 from benchmarks.load import SCENARIOS, LoadSettings, run_cell
-from benchmarks.redis_process import RedisProcess
-from benchmarks.targets import TARGETS, WHERE, open_target
-from quorum_quest.config.settings import LoggerSettings
+from benchmarks.targets import DEFAULT_TARGETS, OBSERVED, TARGETS, WHERE, open_target
+from quorum_quest.config.settings import LoggerSettings, ObservabilitySettings
 from quorum_quest.telemetry.logging import configure_logging
+from tests.backends.redis import RedisProcess
 
 RESULTS_DIR = Path(__file__).parent / "results"
-SETTINGS = ("targets", "scenarios", "clients", "duration", "warmup", "timeout")
+SETTINGS = (
+    "targets",
+    "scenarios",
+    "clients",
+    "duration",
+    "warmup",
+    "timeout",
+    "trace_sample_ratio",
+)
 
 
 # -- command line -------------------------------------------------------------------
@@ -69,6 +81,13 @@ def positive(text: str) -> float:
     return value
 
 
+def ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
 def loopback_url(text: str) -> str:
     """A redis:// URL on the loopback interface: the benchmark never leaves this machine."""
     parts = urlsplit(text)
@@ -84,7 +103,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--targets", type=names(TARGETS), default=list(TARGETS))
+    parser.add_argument(
+        "--targets",
+        type=names(TARGETS),
+        default=list(DEFAULT_TARGETS),
+        help=f"from {','.join(TARGETS)}; default {','.join(DEFAULT_TARGETS)}",
+    )
     parser.add_argument("--scenarios", type=names(SCENARIOS), default=list(SCENARIOS))
     parser.add_argument("--clients", type=counts, default=[1, 10, 50])
     parser.add_argument("--duration", type=positive, default=3.0, help="measured seconds per cell")
@@ -95,6 +119,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=loopback_url,
         default=None,
         help="a Redis on 127.0.0.1 to use; default: start a throw-away redis-server",
+    )
+    parser.add_argument(
+        "--trace-sample-ratio",
+        type=ratio,
+        default=ObservabilitySettings().traceSampleRatio,
+        help="traceSampleRatio of the +obs targets; default: the service's default",
     )
     return parser.parse_args(argv)
 
@@ -114,21 +144,33 @@ def redis_for(args: argparse.Namespace) -> Iterator[str | None]:
             yield server.url
 
 
-async def run_all(args: argparse.Namespace, redis_url: str | None) -> list[dict[str, Any]]:
-    """Every (target, scenario, clients) cell; each target is started once."""
+async def run_all(
+    args: argparse.Namespace, redis_url: str | None
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every (target, scenario, clients) cell; each target is started once.
+
+    Also returns, per `+obs` target, what its telemetry delivered (`Target.exported`).
+    """
     settings = LoadSettings(duration=args.duration, warmup=args.warmup, timeout=args.timeout)
     run_id = uuid.uuid4().hex[:8]
     results = []
+    exported = {}
     for name in args.targets:
         async with open_target(
-            name, redis_url=redis_url, run_id=run_id, timeout=args.timeout
+            name,
+            redis_url=redis_url,
+            run_id=run_id,
+            timeout=args.timeout,
+            trace_sample_ratio=args.trace_sample_ratio,
         ) as target:
             for scenario in args.scenarios:
                 for clients in args.clients:
                     result = await run_cell(target, scenario, clients, settings)
                     print(progress_line(result), file=sys.stderr, flush=True)
                     results.append(result)
-    return results
+        if target.exported:
+            exported[name] = target.exported
+    return results, exported
 
 
 def environment(redis_url: str | None) -> dict[str, Any]:
@@ -219,6 +261,51 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def obs_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """calls/s of `X+obs` over calls/s of `X`, per cell, where both were measured."""
+    calls = {(r["target"], r["scenario"], r["clients"]): r["calls_per_s"] for r in results}
+    ratios = []
+    for (name, scenario, clients), observed in calls.items():
+        plain = calls.get((OBSERVED.get(name), scenario, clients))
+        if plain:
+            cell = {"target": name, "scenario": scenario, "clients": clients}
+            ratios.append({**cell, "ratio": observed / plain})
+    return ratios
+
+
+def obs_summary(
+    ratios: list[dict[str, Any]], exported: dict[str, dict[str, Any]], sample_ratio: float
+) -> str:
+    """The ratios as a small table, then what each `+obs` target's telemetry delivered."""
+    lines = []
+    if ratios:
+        pairs = list(dict.fromkeys(r["target"] for r in ratios))
+        cells = list(dict.fromkeys((r["scenario"], r["clients"]) for r in ratios))
+        found = {(r["target"], r["scenario"], r["clients"]): r["ratio"] for r in ratios}
+        header = ["scenario", "clients", *(f"{name} / {OBSERVED[name]}" for name in pairs)]
+        lines += [
+            f"\nCost of observability (calls/s with it on / without; trace sample ratio "
+            f"{sample_ratio:g}):\n",
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join("---" for _ in header) + "|",
+        ]
+        for scenario, clients in cells:
+            values = [found.get((name, scenario, clients)) for name in pairs]
+            shown = ["-" if value is None else f"{value:.2f}" for value in values]
+            lines.append("| " + " | ".join([scenario, str(clients), *shown]) + " |")
+    if exported:
+        lines.append("\nReceived by the OTLP sink (whole target, warm-ups included):\n")
+    for name, counts in exported.items():
+        scraped = counts.get("prometheus_samples")
+        lines.append(
+            f"- {name}: {counts.get('spans', 0)} spans in {counts.get('trace_exports', 0)} "
+            f"exports, {counts.get('metric_points', 0)} metric points in "
+            f"{counts.get('metric_exports', 0)} exports; Prometheus scrape: "
+            + ("failed" if scraped is None else f"{scraped} quorum_quest samples")
+        )
+    return "\n".join(lines)
+
+
 def write_json(document: dict[str, Any], started: datetime) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
@@ -231,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(LoggerSettings(level="WARNING"))
     started = datetime.now(UTC)
     with redis_for(args) as redis_url:
-        results = asyncio.run(run_all(args, redis_url))
+        results, exported = asyncio.run(run_all(args, redis_url))
         env = environment(redis_url)
     settings = {key: getattr(args, key) for key in SETTINGS}
     where = {name: WHERE[name] for name in args.targets}
@@ -242,11 +329,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print("\n".join(f"- {name}: {text}" for name, text in where.items()) + "\n")
     print(table(results))
+    ratios = obs_ratios(results)
+    if ratios or exported:
+        print(obs_summary(ratios, exported, args.trace_sample_ratio))
     document = {
         "started": started.isoformat(),
         "settings": settings,
         "environment": env,
         "targets": where,
+        "observability": {"ratios": ratios, "exported": exported},
     }
     path = write_json({**document, "results": results}, started)
     print(f"\nresults written to {path}", file=sys.stderr)

@@ -4,6 +4,9 @@
 - `redis`: the service with its Redis store, called over gRPC.
 - `redis-direct`: the Redis store class called in-process, no gRPC and no service:
   the same Lua scripts on the same Redis, i.e. the floor the `redis` target sits on.
+- `memory+obs`, `redis+obs`: `memory` and `redis` with observability fully on: OTLP
+  traces and metrics to a sink the harness runs as its own process
+  (`benchmarks.otlp_sink`), metrics pushed every second, Prometheus on a free port.
 
 The service runs as its own process, as a user runs it: `quorum-quest-service
 -config=<file>` with a YAML file written to a temp dir, on 127.0.0.1 with a free port,
@@ -15,13 +18,15 @@ are measured. `redis-direct` stays in the benchmark process.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,20 +36,29 @@ import redis.asyncio as aioredis
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.redis_process import free_port
+from benchmarks.otlp_sink import COUNTS_PREFIX
 from quorum_quest._rpc import LeaderElectionStub, pb
 from quorum_quest.stores import LockKey, LockStore, store_class
 from quorum_quest.stores.redis import RedisSettings
+from tests.backends import free_port
 
-TARGETS = ("memory", "redis", "redis-direct")
+DEFAULT_TARGETS = ("memory", "redis", "redis-direct")
+# The `+obs` targets and the plain target each one adds observability to.
+OBSERVED = {"memory+obs": "memory", "redis+obs": "redis"}
+TARGETS = (*DEFAULT_TARGETS, *OBSERVED)
 # Where each target's code runs, for the printed header and the JSON file.
+_SERVICE = "service in its own process (quorum-quest-service -config=<file>)"
+_OBSERVED = f"{_SERVICE}, exporting OTLP to a sink process (python -m benchmarks.otlp_sink)"
 WHERE = {
-    "memory": "service in its own process (quorum-quest-service -config=<file>)",
-    "redis": "service in its own process (quorum-quest-service -config=<file>)",
+    "memory": _SERVICE,
+    "redis": _SERVICE,
     "redis-direct": "store called in the benchmark process, no gRPC",
+    "memory+obs": _OBSERVED,
+    "redis+obs": _OBSERVED,
 }
 SERVICE_START_TIMEOUT_S = 30.0  # until the health check answers SERVING
 SERVICE_STOP_TIMEOUT_S = 15.0  # after SIGTERM, before SIGKILL
+REPO_ROOT = Path(__file__).resolve().parent.parent
 TTL_MS = 10_000  # far longer than a cycle: a lease never expires under the benchmark
 
 # A local subchannel pool gives every channel its own connection instead of
@@ -69,6 +83,7 @@ class Session(Protocol):
 
 class Target(Protocol):
     name: str
+    exported: dict[str, Any]  # what an observed target's telemetry delivered; else empty
 
     async def open_session(self) -> Session: ...
 
@@ -114,6 +129,7 @@ class ServiceSession:
 class ServiceTarget:
     def __init__(self, name: str, address: str, timeout: float) -> None:
         self.name = name
+        self.exported: dict[str, Any] = {}
         self._address = address
         self._timeout = timeout
 
@@ -162,7 +178,11 @@ async def stop_service(process: asyncio.subprocess.Process) -> None:
 
 @asynccontextmanager
 async def service_target(
-    name: str, backend: str, store: dict[str, Any], timeout: float
+    name: str,
+    backend: str,
+    store: dict[str, Any],
+    timeout: float,
+    observability: dict[str, Any] | None = None,
 ) -> AsyncIterator[ServiceTarget]:
     """The service with `backend` in its own process on 127.0.0.1 until the block exits."""
     address = f"127.0.0.1:{free_port()}"
@@ -172,8 +192,15 @@ async def service_target(
         "store": store,
         "logger": {"level": "WARNING"},
     }
-    # The file is the whole config: no QUORUMQUEST_* variable from this shell overrides it.
-    env = {key: value for key, value in os.environ.items() if not key.startswith("QUORUMQUEST_")}
+    if observability:
+        config["observability"] = observability
+    # The file is the whole config: no QUORUMQUEST_* (or OTEL_*, read by the OTLP
+    # exporters) variable from this shell changes it.
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("QUORUMQUEST_", "OTEL_"))
+    }
     with tempfile.TemporaryDirectory(prefix="qq-bench-service-") as workdir:
         config_file = Path(workdir) / "config.yaml"
         config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -186,6 +213,94 @@ async def service_target(
             yield ServiceTarget(name, address, timeout)
         finally:
             await stop_service(process)
+
+
+# -- the service with observability on ------------------------------------------------
+
+
+class OtlpSink:
+    """The `benchmarks.otlp_sink` process: its port, and its counts once it has stopped."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.port = 0
+        self.counts: dict[str, int] = {}
+
+    async def stop(self) -> None:
+        """SIGTERM, then read the counts line; any other output goes to our stderr."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            _, err = await asyncio.wait_for(self.process.communicate(), SERVICE_STOP_TIMEOUT_S)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+            return
+        for line in err.decode(errors="replace").splitlines():
+            if line.startswith(COUNTS_PREFIX):
+                self.counts = json.loads(line.removeprefix(COUNTS_PREFIX))
+            else:
+                print(f"otlp-sink: {line}", file=sys.stderr)
+
+
+@asynccontextmanager
+async def otlp_sink() -> AsyncIterator[OtlpSink]:
+    """An OTLP/gRPC receiver in its own process, so receiving costs the load generator nothing."""
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "benchmarks.otlp_sink", "--port", "0"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    sink = OtlpSink(process)
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), SERVICE_START_TIMEOUT_S)
+        if not line.startswith(b"ready "):
+            raise RuntimeError(f"the OTLP sink did not start (exit code {process.returncode})")
+        sink.port = int(line.split()[1])
+        yield sink
+    finally:
+        await sink.stop()
+
+
+async def prometheus_samples(port: int) -> int | None:
+    """Scrape the service's Prometheus endpoint once: its number of quorum_quest samples."""
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            return reply.read().decode()
+
+    try:
+        text = await asyncio.to_thread(scrape)
+    except OSError as exc:
+        print(f"Prometheus scrape on port {port} failed: {exc}", file=sys.stderr)
+        return None
+    return sum(1 for line in text.splitlines() if line.startswith("quorum_quest"))
+
+
+@asynccontextmanager
+async def observed_service_target(
+    name: str, backend: str, store: dict[str, Any], timeout: float, trace_sample_ratio: float
+) -> AsyncIterator[ServiceTarget]:
+    """`service_target` with observability fully on: OTLP to a sink, 1 s metrics, Prometheus.
+
+    When the block exits, `target.exported` has the sink's counts (taken after the
+    service has stopped, so its final flush is in them) and one Prometheus scrape.
+    """
+    async with otlp_sink() as sink:
+        prometheus_port = free_port()
+        observability = {
+            "otelEndpoint": f"127.0.0.1:{sink.port}",
+            "otelInsecure": True,
+            "traceSampleRatio": trace_sample_ratio,
+            "metricsInterval": 1,
+            "prometheusPort": prometheus_port,
+        }
+        async with service_target(name, backend, store, timeout, observability) as target:
+            yield target
+            target.exported["prometheus_samples"] = await prometheus_samples(prometheus_port)
+    target.exported.update(sink.counts)
 
 
 # -- the Redis store, called directly --------------------------------------------------
@@ -217,6 +332,7 @@ class DirectSession:
 class DirectTarget:
     def __init__(self, name: str, store: LockStore, timeout: float) -> None:
         self.name = name
+        self.exported: dict[str, Any] = {}
         self._store = store
         self._timeout = timeout
 
@@ -252,22 +368,31 @@ async def delete_keys(url: str, key_prefix: str) -> int:
 
 @asynccontextmanager
 async def open_target(
-    name: str, *, redis_url: str | None, run_id: str, timeout: float
+    name: str, *, redis_url: str | None, run_id: str, timeout: float, trace_sample_ratio: float
 ) -> AsyncIterator[Target]:
-    """The target called `name`, ready for sessions until the block exits."""
-    if name == "memory":
-        async with service_target(name, "memory", {}, timeout) as target:
+    """The target called `name`, ready for sessions until the block exits.
+
+    `trace_sample_ratio` is used by the `+obs` targets only.
+    """
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+    backend = OBSERVED.get(name, name)
+
+    def service(store: dict[str, Any]) -> AbstractAsyncContextManager[ServiceTarget]:
+        if name in OBSERVED:
+            return observed_service_target(name, backend, store, timeout, trace_sample_ratio)
+        return service_target(name, backend, store, timeout)
+
+    if backend == "memory":
+        async with service({}) as target:
             yield target
         return
-    if name not in ("redis", "redis-direct"):
-        raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
     if redis_url is None:
         raise ValueError(f"target {name!r} needs a Redis URL")
     key_prefix = f"qq-bench-{run_id}-{name}"
     try:
-        if name == "redis":
-            store = {"url": redis_url, "key_prefix": key_prefix}
-            async with service_target(name, "redis", store, timeout) as target:
+        if backend == "redis":
+            async with service({"url": redis_url, "key_prefix": key_prefix}) as target:
                 yield target
         else:
             async with redis_direct_target(redis_url, key_prefix, timeout) as target:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from loguru import logger
+from opentelemetry import trace
 
 from quorum_quest import __version__
 from quorum_quest._rpc import pb
@@ -57,7 +58,8 @@ def _lock_operation(
             snapshot.enter()
             try:
                 async with asyncio.timeout(context.time_remaining()):
-                    if telemetry.tracing:
+                    # A store span only inside a sampled (recording) server span.
+                    if telemetry.tracing and trace.get_current_span().is_recording():
                         attributes = {
                             "quorum_quest.backend": backend,
                             "quorum_quest.operation": operation,

@@ -42,6 +42,17 @@ def wait_serving(port: int, process: subprocess.Popen[str]) -> None:
     raise AssertionError("service did not start serving")
 
 
+def serve_then_stop(process: subprocess.Popen[str], port: int, signum: int) -> str:
+    """Wait until `process` serves on `port`, send `signum`, and return its stderr."""
+    try:
+        wait_serving(port, process)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    return stderr
+
+
 @pytest.mark.parametrize("style", ["-config={}", "--config={}", "--config {}"])
 def test_serves_with_go_or_gnu_style_config_flag_and_exits_0_on_sigterm(
     tmp_path: Path, style: str
@@ -52,12 +63,7 @@ def test_serves_with_go_or_gnu_style_config_flag_and_exits_0_on_sigterm(
         f'serverAddress: "127.0.0.1:{port}"\nlogger: {{level: LOG_LEVELS_DEBUGLEVEL}}\n'
     )
     process = service(*style.format(config).split(" "), cwd=tmp_path)
-    try:
-        wait_serving(port, process)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=20)
-    finally:
-        process.kill()
+    stderr = serve_then_stop(process, port, signal.SIGTERM)
     assert process.returncode == 0, stderr
     assert f"config loaded from {config}" in stderr
     assert "stopped" in stderr
@@ -68,24 +74,14 @@ def test_directory_config_and_environment_override(tmp_path: Path) -> None:
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.yaml").write_text('serverAddress: "127.0.0.1:1"\n')
     process = service(cwd=tmp_path, env={"QUORUMQUEST_SERVERADDRESS": f"127.0.0.1:{port}"})
-    try:
-        wait_serving(port, process)
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=20)
-    finally:
-        process.kill()
+    stderr = serve_then_stop(process, port, signal.SIGINT)
     assert process.returncode == 0, stderr
 
 
 def test_without_a_config_file_it_says_it_uses_the_memory_store(tmp_path: Path) -> None:
     port = free_port()
     process = service(cwd=tmp_path, env={"QUORUMQUEST_SERVERADDRESS": f"127.0.0.1:{port}"})
-    try:
-        wait_serving(port, process)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=20)
-    finally:
-        process.kill()
+    stderr = serve_then_stop(process, port, signal.SIGTERM)
     assert process.returncode == 0, stderr
     assert "using the embedded memory store" in stderr
     assert "with the memory store" in stderr

@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from quorum_quest import QuorumQuestClient
 from quorum_quest._rpc import LeaderElectionStub, pb
 from quorum_quest.server import running_server
+from quorum_quest.telemetry.telemetry import LATENCY_SAMPLE_EVERY
 from tests.backends import free_port
 from tests.conftest import make_settings
 
@@ -94,6 +95,8 @@ async def test_acquire_delivers_linked_spans_and_counters(receiver, client_spans
         client = QuorumQuestClient("svc", uuid.uuid4().hex, 5, f"127.0.0.1:{server.port}")
         async with client:
             assert await client.try_acquire_lock()
+            for _ in range(LATENCY_SAMPLE_EVERY):  # refreshes, so some latency is sampled
+                assert await client.try_acquire_lock()
     # Stopping the server flushed its spans and metrics.
     client_span = next(s for s in client_spans.get_finished_spans() if "TryAcquireLock" in s.name)
     server_span = next(s for s in collector.spans if s.name.endswith("/TryAcquireLock"))
@@ -113,6 +116,8 @@ async def test_acquire_delivers_linked_spans_and_counters(receiver, client_spans
     operations = collector.metric("quorum_quest.lock.operations")
     points = [attributes(p) | {"value": p.as_int} for m in operations for p in m.sum.data_points]
     assert {"operation": "acquire", "result": "acquired", "backend": "memory", "value": 1} in points
+    refreshed = {"operation": "acquire", "result": "renewed", "backend": "memory"}
+    assert refreshed | {"value": LATENCY_SAMPLE_EVERY} in points
     assert {"operation": "release", "result": "released", "backend": "memory", "value": 1} in points
     durations = collector.metric("quorum_quest.lock.operation.duration")
     assert any(p.count >= 1 for m in durations for p in m.histogram.data_points)

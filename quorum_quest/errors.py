@@ -30,7 +30,14 @@ class StoreUnavailable(QuorumQuestError):
 
 
 class ServiceUnavailable(QuorumQuestError):
-    """The client could not get an answer from the service (transport, deadline or backend)."""
+    """The client got no usable answer from the service (transport, deadline or backend).
+
+    `code` is the gRPC status code, when the service answered with one.
+    """
+
+    def __init__(self, message: str, code: object = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class LeadershipLost(QuorumQuestError):

@@ -49,9 +49,7 @@ def _rpc_error(exc: grpc.aio.AioRpcError) -> Exception:
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
         field, _, reason = details.partition(": ")
         return InvalidArgument(field, reason) if reason else InvalidArgument("request", details)
-    error = ServiceUnavailable(f"{exc.code().name}: {details}")
-    error.code = exc.code()  # type: ignore[attr-defined]
-    return error
+    return ServiceUnavailable(f"{exc.code().name}: {details}", code=exc.code())
 
 
 class QuorumQuestClient:

@@ -61,7 +61,7 @@ class ObservabilitySettings(_Section):
     environment: str = "development"
     otelEndpoint: str = Field(default="", description="OTLP/gRPC host:port; empty = no export")
     otelInsecure: bool = Field(default=True, description="plaintext OTLP (a local collector)")
-    traceSampleRatio: float = Field(default=0.05, ge=0, le=1, description="share of new traces kept")
+    traceSampleRatio: float = Field(default=0.05, ge=0, le=1, description="new traces kept")
     metricsInterval: float = Field(default=10, gt=0, description="seconds between OTLP pushes")
     prometheusPort: int = Field(default=0, ge=0, lt=65536, description="scrape port; 0 = off")
 

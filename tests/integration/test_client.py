@@ -198,3 +198,17 @@ async def test_service_errors_reach_the_caller(address: str) -> None:
         with pytest.raises(InvalidArgument) as caught:
             await client.try_acquire_lock()
     assert caught.value.field == "service"
+
+
+async def test_no_service_is_service_unavailable_with_the_status_code() -> None:
+    import grpc
+
+    from quorum_quest import ServiceUnavailable
+    from tests.backends import free_port
+
+    client = QuorumQuestClient("svc", "dom", 3, f"127.0.0.1:{free_port()}", rpc_timeout=0.5)
+    async with client:
+        with pytest.raises(ServiceUnavailable) as caught:
+            await client.try_acquire_lock()
+    assert caught.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert not client.is_leader

@@ -23,7 +23,8 @@ def ports(service: dict) -> set[int]:
 
 
 def test_compose_has_the_service_its_backends_and_observability(compose: dict) -> None:
-    assert {"quorum-quest", "redis", "scylladb", "otel-collector", "jaeger"} <= set(compose["services"])
+    expected = {"quorum-quest", "redis", "scylladb", "otel-collector", "jaeger"}
+    assert expected <= set(compose["services"])
 
 
 def test_the_mounted_service_config_loads_with_our_loader(compose: dict) -> None:
@@ -37,7 +38,8 @@ def test_the_mounted_service_config_loads_with_our_loader(compose: dict) -> None
     assert store.host in compose["services"]
     assert store.port in ports(compose["services"][store.host])
     otel_host, otel_port = settings.observability.otelEndpoint.split(":")
-    assert otel_host in compose["services"] and int(otel_port) in ports(compose["services"][otel_host])
+    assert otel_host in compose["services"]
+    assert int(otel_port) in ports(compose["services"][otel_host])
     served = int(settings.serverAddress.rsplit(":", 1)[1])
     assert {served, settings.observability.prometheusPort} <= ports(service)
     assert settings.observability.environment == "compose"  # the environment wins over the file

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -123,7 +124,9 @@ async def test_environment_overrides_keep_winning_after_a_reload(
         assert server.runtime.current.policy.default_ttl_ms == 20_000
 
 
-async def test_logger_level_is_reapplied(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+async def test_logger_level_and_format_are_reapplied(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     file = tmp_path / "config.yaml"
     file.write_text(config_text("INFO"))
     async with running_server(load_settings(file, {}), file) as server:
@@ -134,9 +137,16 @@ async def test_logger_level_is_reapplied(tmp_path: Path, capfd: pytest.CaptureFi
         file.write_text(config_text("DEBUG"))
         await wait_until(lambda: server.runtime.current.settings.logger.level == "DEBUG")
         logger.debug("shown-line")
+        file.write_text(config_text("DEBUG").replace("logger: {", "logger: {format: json, "))
+        await wait_until(lambda: server.runtime.current.settings.logger.format == "json")
+        logger.info("json-line")
+        file.write_text(config_text("INFO"))
+        await wait_until(lambda: server.runtime.current.settings.logger.format == "text")
     err = capfd.readouterr().err
     assert "shown-line" in err
     assert "hidden-line" not in err
+    json_lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any(line["record"]["message"] == "json-line" for line in json_lines)
 
 
 async def test_changed_server_address_is_logged_as_needing_a_restart(

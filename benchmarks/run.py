@@ -6,7 +6,8 @@ uv run python -m benchmarks.run [--targets memory,redis,redis-direct]
     [--trace-sample-ratio 0.1]
 
 More targets: memory+obs and redis+obs (observability fully on), e.g.
---targets memory,memory+obs,redis,redis+obs for the cost of observability.
+--targets memory,memory+obs,redis,redis+obs for the cost of observability; scylladb,
+dynamodb and dynamodb-moto (the service against one Cassandra node, dynalite, moto).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from benchmarks.load import SCENARIOS, LoadSettings, run_cell
 from benchmarks.targets import DEFAULT_TARGETS, OBSERVED, TARGETS, WHERE, open_target
 from quorum_quest.config.settings import LoggerSettings, ObservabilitySettings
 from quorum_quest.telemetry.logging import configure_logging
+from tests.backends.cassandra import CASSANDRA_VERSION
+from tests.backends.dynamodb import DYNALITE_VERSION
 from tests.backends.redis import RedisProcess
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -173,7 +176,7 @@ async def run_all(
     return results, exported
 
 
-def environment(redis_url: str | None) -> dict[str, Any]:
+def environment(redis_url: str | None, targets: Sequence[str]) -> dict[str, Any]:
     """What the numbers depend on besides the code."""
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -182,6 +185,15 @@ def environment(redis_url: str | None) -> dict[str, Any]:
         "grpcio": version("grpcio"),
         "redis-py": version("redis"),
     }
+    if "scylladb" in targets:
+        hosts = os.environ.get("QQ_TEST_CQL_HOSTS")
+        info["cql-server"] = (
+            f"QQ_TEST_CQL_HOSTS={hosts}" if hosts else f"Apache Cassandra {CASSANDRA_VERSION}"
+        )
+    if "dynamodb" in targets:
+        info["dynalite"] = DYNALITE_VERSION
+    if "dynamodb-moto" in targets:
+        info["moto"] = version("moto")  # the target needs it: it ran, so it is installed
     if redis_url:
         client = redis.Redis.from_url(redis_url)
         try:
@@ -319,13 +331,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.now(UTC)
     with redis_for(args) as redis_url:
         results, exported = asyncio.run(run_all(args, redis_url))
-        env = environment(redis_url)
+        env = environment(redis_url, args.targets)
     settings = {key: getattr(args, key) for key in SETTINGS}
     where = {name: WHERE[name] for name in args.targets}
     print(
         f"\n{args.duration:g} s per cell after {args.warmup:g} s warm-up, "
         f"{args.timeout:g} s per call; {env['cpus']} CPUs shared by the load-generating "
-        "process, the service process and redis-server.\n"
+        "process, the service process and the store's server (redis-server, the Cassandra "
+        "JVM, the emulator).\n"
     )
     print("\n".join(f"- {name}: {text}" for name, text in where.items()) + "\n")
     print(table(results))

@@ -7,6 +7,10 @@
 - `memory+obs`, `redis+obs`: `memory` and `redis` with observability fully on: OTLP
   traces and metrics to a sink the harness runs as its own process
   (`benchmarks.otlp_sink`), metrics pushed every second, Prometheus on a free port.
+- `scylladb`, `dynamodb`, `dynamodb-moto`: the service on those stores against stand-ins
+  on this machine, started as the tests start them (`tests/backends`): one Apache
+  Cassandra node (or `QQ_TEST_CQL_HOSTS`, loopback only), dynalite, moto in server mode.
+  Not production: emulators and a single node, sharing the machine's cores.
 
 The service runs as its own process, as a user runs it: `quorum-quest-service
 -config=<file>` with a YAML file written to a temp dir, on 127.0.0.1 with a free port,
@@ -18,6 +22,7 @@ are measured. `redis-direct` stays in the benchmark process.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import signal
@@ -26,7 +31,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager, redirect_stdout
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,11 +46,15 @@ from quorum_quest._rpc import LeaderElectionStub, pb
 from quorum_quest.stores import LockKey, LockStore, store_class
 from quorum_quest.stores.redis import RedisSettings
 from tests.backends import free_port
+from tests.backends.cassandra import TEST_KEYSPACE, cql_server
+from tests.backends.dynamodb import dynalite_process, moto_process
 
 DEFAULT_TARGETS = ("memory", "redis", "redis-direct")
 # The `+obs` targets and the plain target each one adds observability to.
 OBSERVED = {"memory+obs": "memory", "redis+obs": "redis"}
-TARGETS = (*DEFAULT_TARGETS, *OBSERVED)
+# Targets on a store server started for them (see `store_server`), run only when asked.
+EMULATED = ("scylladb", "dynamodb", "dynamodb-moto")
+TARGETS = (*DEFAULT_TARGETS, *OBSERVED, *EMULATED)
 # Where each target's code runs, for the printed header and the JSON file.
 _SERVICE = "service in its own process (quorum-quest-service -config=<file>)"
 _OBSERVED = f"{_SERVICE}, exporting OTLP to a sink process (python -m benchmarks.otlp_sink)"
@@ -55,8 +64,15 @@ WHERE = {
     "redis-direct": "store called in the benchmark process, no gRPC",
     "memory+obs": _OBSERVED,
     "redis+obs": _OBSERVED,
+    "scylladb": f"{_SERVICE}, scylladb store against a single Cassandra node on this machine, "
+    "not production",
+    "dynamodb": f"{_SERVICE}, dynamodb store against an emulator (dynalite) on this machine, "
+    "not production",
+    "dynamodb-moto": f"{_SERVICE}, dynamodb store against an emulator (moto server, one "
+    "request at a time) on this machine, not production",
 }
 SERVICE_START_TIMEOUT_S = 30.0  # until the health check answers SERVING
+STORE_SERVICE_START_TIMEOUT_S = 120.0  # the same, when the store first creates its schema
 SERVICE_STOP_TIMEOUT_S = 15.0  # after SIGTERM, before SIGKILL
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TTL_MS = 10_000  # far longer than a cycle: a lease never expires under the benchmark
@@ -146,9 +162,11 @@ def service_command(config: Path) -> list[str]:
     return [*launcher, f"-config={config}"]
 
 
-async def wait_serving(process: asyncio.subprocess.Process, address: str) -> None:
+async def wait_serving(
+    process: asyncio.subprocess.Process, address: str, start_timeout: float
+) -> None:
     """Poll the gRPC health check (service "") until it answers SERVING."""
-    deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
+    deadline = time.monotonic() + start_timeout
     async with grpc.aio.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
@@ -161,7 +179,7 @@ async def wait_serving(process: asyncio.subprocess.Process, address: str) -> Non
             except grpc.aio.AioRpcError:
                 pass
             await asyncio.sleep(0.1)
-    raise RuntimeError(f"the service on {address} was not SERVING in {SERVICE_START_TIMEOUT_S} s")
+    raise RuntimeError(f"the service on {address} was not SERVING in {start_timeout:g} s")
 
 
 async def stop_service(process: asyncio.subprocess.Process) -> None:
@@ -183,6 +201,7 @@ async def service_target(
     store: dict[str, Any],
     timeout: float,
     observability: dict[str, Any] | None = None,
+    start_timeout: float = SERVICE_START_TIMEOUT_S,
 ) -> AsyncIterator[ServiceTarget]:
     """The service with `backend` in its own process on 127.0.0.1 until the block exits."""
     address = f"127.0.0.1:{free_port()}"
@@ -209,7 +228,7 @@ async def service_target(
             *service_command(config_file), stdout=asyncio.subprocess.DEVNULL, env=env
         )
         try:
-            await wait_serving(process, address)
+            await wait_serving(process, address, start_timeout)
             yield ServiceTarget(name, address, timeout)
         finally:
             await stop_service(process)
@@ -353,6 +372,46 @@ async def redis_direct_target(
         await store.close()
 
 
+# -- the service on a store server started for it ---------------------------------------
+
+
+def loopback_cql_hosts() -> None:
+    """`QQ_TEST_CQL_HOSTS` is honoured as the tests honour it, but only on this machine."""
+    if hosts := os.environ.get("QQ_TEST_CQL_HOSTS"):
+        host = hosts.split(",")[0].strip().rpartition(":")[0].strip("[]")
+        if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(
+                f"QQ_TEST_CQL_HOSTS={hosts}: only a CQL server on 127.0.0.1 is allowed"
+            )
+
+
+@asynccontextmanager
+async def store_server(name: str, run_id: str) -> AsyncIterator[dict[str, Any]]:
+    """The `store:` section for target `name`, on a server started for it and stopped after.
+
+    The servers are the tests' own (`tests/backends`), started in the event loop's
+    thread: between targets nothing else runs. The store sections are the tests'
+    (`scylladb_store_config`, `dynamodb_*_store_config`), each with a table of its own.
+    """
+    if name == "scylladb":
+        loopback_cql_hosts()
+        with ExitStack() as stack:
+            with redirect_stdout(sys.stderr):  # its "accepted CQL after" line is progress
+                endpoint = stack.enter_context(cql_server())
+            yield {
+                "endpoints": [endpoint],
+                "keyspace": TEST_KEYSPACE,
+                "table": f"locks_bench_{run_id}",
+                "consistency": "CONSISTENCY_QUORUM",
+                "clock_skew_margin": 0.05,
+                "request_timeout": 10.0,
+            }
+        return
+    # A throw-away emulator: its tables go with it.
+    with moto_process() if name == "dynamodb-moto" else dynalite_process() as emulator:
+        yield emulator.endpoint.store_config(table=f"qq-bench-{run_id}")
+
+
 # -- choosing a target ------------------------------------------------------------------
 
 
@@ -385,6 +444,16 @@ async def open_target(
 
     if backend == "memory":
         async with service({}) as target:
+            yield target
+        return
+    if name in EMULATED:
+        store_type = name.split("-")[0]  # dynamodb-moto runs the dynamodb store
+        async with (
+            store_server(name, run_id) as store,
+            service_target(
+                name, store_type, store, timeout, start_timeout=STORE_SERVICE_START_TIMEOUT_S
+            ) as target,
+        ):
             yield target
         return
     if redis_url is None:

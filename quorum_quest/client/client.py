@@ -105,6 +105,7 @@ class QuorumQuestClient:
         self._stub: LeaderElectionStub | None = None
         self._lease: Lease | None = None
         self._holder_hint: timedelta | None = None  # what was left of the holder's lease
+        self._abandoned_token = 0  # a lease whose release got no answer
         self._keep_alive_task: asyncio.Task[None] | None = None
 
     # -- connection -------------------------------------------------------------
@@ -179,16 +180,15 @@ class QuorumQuestClient:
     async def try_acquire_lock(self) -> bool:
         """Acquire the lock if free (or refresh ours); True when this client leads."""
         sent_at = time.monotonic()
-        response = await self._call(
-            self.stub.try_acquire_lock,
-            pb.TryAcquireLockRequest(
-                service=self.service,
-                domain=self.domain,
-                client_id=self.client_id,
-                ttl=max(1, math.ceil(self.ttl)),
-                ttl_ms=max(1, round(self.ttl * 1000)),
-            ),
-        )
+        response = await self._acquire()
+        if response.is_leader and response.fencing_token == self._abandoned_token:
+            # The service still holds a lease this client tried to release without an
+            # answer. Never resume it as a new leadership: release it for sure, then
+            # acquire afresh, so each grant this client acts on has a larger token.
+            await self._release()
+            self._abandoned_token = 0
+            sent_at = time.monotonic()
+            response = await self._acquire()
         if not response.is_leader:
             await self._drop_lease()
             self._holder_hint = response.lease_length
@@ -208,6 +208,18 @@ class QuorumQuestClient:
         )
         await self._notify(self.callbacks.on_leader_elected, self._lease)
         return True
+
+    async def _acquire(self) -> pb.TryAcquireLockResponse:
+        return await self._call(
+            self.stub.try_acquire_lock,
+            pb.TryAcquireLockRequest(
+                service=self.service,
+                domain=self.domain,
+                client_id=self.client_id,
+                ttl=max(1, math.ceil(self.ttl)),
+                ttl_ms=max(1, round(self.ttl * 1000)),
+            ),
+        )
 
     async def _renew(self, timeout: float) -> tuple[float, int] | None:
         response = await self._call(
@@ -259,15 +271,33 @@ class QuorumQuestClient:
             task.cancel()
 
     async def release_lock(self) -> bool:
-        """Release the lock if this client holds it; True when this call released it."""
+        """Release the lock if this client holds it; True when this call released it.
+
+        The lease ends for this client either way: if the service gives no answer, the
+        client stops acting as holder, and should it later be handed the same lease
+        back, it releases that first and acquires a new one.
+        """
         self.stop_keep_alive()
+        lease = self._lease
+        try:
+            released = await self._release()
+        except (ServiceUnavailable, InvalidArgument):
+            if lease is not None:
+                self._abandoned_token = lease.fencing_token
+            raise
+        finally:
+            await self._drop_lease()
+        if lease is not None and lease.fencing_token == self._abandoned_token:
+            self._abandoned_token = 0
+        return released
+
+    async def _release(self) -> bool:
         response = await self._call(
             self.stub.release_lock,
             pb.ReleaseLockRequest(
                 service=self.service, domain=self.domain, client_id=self.client_id
             ),
         )
-        await self._drop_lease()
         return response.released
 
     async def get_leader(self) -> tuple[str, int] | None:

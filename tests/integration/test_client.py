@@ -212,3 +212,29 @@ async def test_no_service_is_service_unavailable_with_the_status_code() -> None:
             await client.try_acquire_lock()
     assert caught.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     assert not client.is_leader
+
+
+async def test_a_lease_whose_release_got_no_answer_is_never_resumed(server, address) -> None:
+    """Each leadership acts on a new grant, even when the previous release failed."""
+    from quorum_quest.errors import StoreUnavailable
+
+    store = server.runtime.current.store
+    real_release = store.release
+    calls = 0
+
+    async def release_failing_once(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise StoreUnavailable(store.backend, "injected failure")
+        return await real_release(*args)
+
+    store.release = release_failing_once
+    client = QuorumQuestClient("svc", lock_name(), 5, address)
+    async with client:
+        async with client.leadership() as first:
+            pass
+        assert not client.is_leader  # the release failed: the client stops believing anyway
+        async with client.leadership() as second:
+            assert second.fencing_token > first.fencing_token
+    assert calls == 3  # the failed release, the sure one, and the release on exit

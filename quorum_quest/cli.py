@@ -17,8 +17,10 @@ from pathlib import Path
 from loguru import logger
 
 from quorum_quest.config.loader import DEFAULT_PATH, find_config_file, load_settings
+from quorum_quest.config.settings import Settings
 from quorum_quest.errors import ConfigError, StoreUnavailable
 from quorum_quest.server.app import serve
+from quorum_quest.server.workers import supervise, worker_index
 from quorum_quest.telemetry.logging import configure_logging
 
 EXIT_CONFIG = 2
@@ -40,7 +42,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(settings: Settings, file: Path | None, *, reuse_port: bool) -> None:
+    """Serve on uvloop when configured and installed, else on asyncio's own loop."""
+    loop_factory = None
+    if settings.server.uvloop:
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            logger.info("uvloop is not installed")
+    logger.info("event loop: {}", "uvloop" if loop_factory else "asyncio")
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(settings, file, reuse_port=reuse_port))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     try:
         file = find_config_file(args.config)
@@ -53,8 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("no config file found at {}; using the embedded memory store", args.config)
     else:
         logger.info("config loaded from {}", file)
+    worker = worker_index()
+    if worker is None and settings.server.workers > 1:
+        return supervise(argv, settings.server.workers, settings.server.shutdownGrace)
+    if worker is not None:
+        logger.configure(extra={"worker": worker})
     try:
-        asyncio.run(serve(settings, file))
+        _run(settings, file, reuse_port=worker is not None)
     except StoreUnavailable as exc:
         logger.error("cannot start: {}", exc)
         return EXIT_STORE

@@ -77,6 +77,23 @@ def validate(raw: dict[str, Any]) -> Settings:
         store = settings.store_settings()
     except ValidationError as exc:
         raise _config_error(exc, prefix="store") from None
+    if settings.server.workers > 1:
+        if settings.backend.type == "memory":
+            raise ConfigError(
+                "server.workers",
+                "the memory store keeps its locks inside one process, so it can have only"
+                " 1 worker; use a shared backend (redis, scylladb, dynamodb) for more",
+            )
+        if settings.serverAddress.rsplit(":", 1)[-1] == "0":
+            raise ConfigError(
+                "server.workers", "several workers need a fixed port in serverAddress"
+            )
+        if settings.observability.prometheusPort:
+            raise ConfigError(
+                "observability.prometheusPort",
+                "cannot be used with server.workers > 1 (each worker would need its own port);"
+                " push metrics over OTLP instead",
+            )
     if store.ttl > settings.server.maxTtl:
         raise ConfigError(
             "store.ttl",

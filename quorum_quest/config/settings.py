@@ -7,6 +7,7 @@ own model (`Settings.store_settings()`), so this module knows no concrete store.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -70,6 +71,15 @@ class ServerSettings(_Section):
     maxTtl: float = Field(default=3600, gt=0, description="largest lease a caller may ask for, s")
     shutdownGrace: float = Field(default=10, ge=0, description="seconds in-flight calls get")
     healthInterval: float = Field(default=2, gt=0, description="seconds between store probes")
+    workers: int = Field(default=1, gt=0, description="processes serving one port; 'auto' = cores")
+    uvloop: bool = Field(default=True, description="run on uvloop where it is installed")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return os.cpu_count() or 1
+        return value
 
 
 class Settings(_Section):

@@ -36,9 +36,13 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
-    # A port in use is an error, not a second server silently sharing it.
-    ("grpc.so_reuseport", 0),
 )
+
+
+def channel_options(reuse_port: bool) -> tuple[tuple[str, int], ...]:
+    """Server options. Only workers share a port: otherwise a port in use is an error,
+    not a second server silently sharing it."""
+    return (*CHANNEL_OPTIONS, ("grpc.so_reuseport", int(reuse_port)))
 
 
 def bind_address(address: str) -> str:
@@ -55,7 +59,9 @@ class LockServer:
     the config watch are tasks the server owns; they end with it.
     """
 
-    def __init__(self, settings: Settings, config_file: Path | None = None) -> None:
+    def __init__(
+        self, settings: Settings, config_file: Path | None = None, *, reuse_port: bool = False
+    ) -> None:
         self.config_file = config_file
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -67,7 +73,7 @@ class LockServer:
         )
         tracer_provider = CurrentTracerProvider(lambda: self.runtime.current.telemetry)
         self._server = grpc.aio.server(
-            options=CHANNEL_OPTIONS,
+            options=channel_options(reuse_port),
             interceptors=[aio_server_interceptor(tracer_provider=tracer_provider)],
         )
         self._tasks: list[asyncio.Task[None]] = []
@@ -198,8 +204,17 @@ class LockServer:
                 new.serverAddress,
                 old.settings.serverAddress,
             )
-        if new.observability.prometheusPort != old.settings.observability.prometheusPort:
-            logger.warning("observability.prometheusPort changed: this needs a restart")
+        for key, before, after in (
+            (
+                "observability.prometheusPort",
+                old.settings.observability.prometheusPort,
+                new.observability.prometheusPort,
+            ),
+            ("server.workers", old.settings.server.workers, new.server.workers),
+            ("server.uvloop", old.settings.server.uvloop, new.server.uvloop),
+        ):
+            if before != after:
+                logger.warning("{} changed to {}: this needs a restart", key, after)
         self.runtime.current = Snapshot(new, store, telemetry)
         self.runtime.reloads["applied"] += 1
         self.runtime.last_reload = "applied"
@@ -230,10 +245,10 @@ def _changed_sections(old: Settings, new: Settings) -> str:
 
 @asynccontextmanager
 async def running_server(
-    settings: Settings, config_file: Path | None = None
+    settings: Settings, config_file: Path | None = None, *, reuse_port: bool = False
 ) -> AsyncIterator[LockServer]:
     """A started `LockServer`, stopped gracefully when the block exits."""
-    server = LockServer(settings, config_file)
+    server = LockServer(settings, config_file, reuse_port=reuse_port)
     await server.start()
     try:
         yield server
@@ -241,12 +256,14 @@ async def running_server(
         await asyncio.shield(server.stop())
 
 
-async def serve(settings: Settings, config_file: Path | None = None) -> None:
+async def serve(
+    settings: Settings, config_file: Path | None = None, *, reuse_port: bool = False
+) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully; reload `config_file` on change."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with running_server(settings, config_file):
+    async with running_server(settings, config_file, reuse_port=reuse_port):
         await stop.wait()
         logger.info("shutting down: refusing new calls, letting in-flight calls finish")

@@ -118,3 +118,69 @@ def test_unreachable_store_exits_1_with_a_clear_message(tmp_path: Path) -> None:
     assert process.returncode == 1
     assert "cannot start: redis store unavailable" in stderr
     assert "Traceback" not in stderr
+
+
+def test_runs_on_uvloop_by_default_and_asyncio_when_switched_off(tmp_path: Path) -> None:
+    for setting, loop in (("", "uvloop"), ("server: {uvloop: false}\n", "asyncio")):
+        port = free_port()
+        config = tmp_path / "config.yaml"
+        config.write_text(f'serverAddress: "127.0.0.1:{port}"\n{setting}')
+        stderr = serve_then_stop(service(f"-config={config}", cwd=tmp_path), port, signal.SIGTERM)
+        assert f"event loop: {loop}" in stderr
+
+
+@pytest.mark.redis
+def test_workers_share_one_port_and_stop_together(tmp_path: Path, redis_url: str) -> None:
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f'serverAddress: "127.0.0.1:{port}"\nbackend: {{type: redis}}\n'
+        f'store: {{url: "{redis_url}"}}\nserver: {{workers: 2}}\n'
+    )
+    process = service(f"-config={config}", cwd=tmp_path)
+    try:
+        wait_serving(port, process)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert len(children) == 2
+        # Many connections: the kernel spreads them over both workers, and each one serves.
+        for _ in range(10):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert "started 2 workers" in stderr
+    assert all(not Path(f"/proc/{child}").exists() for child in children)
+
+
+def test_workers_are_refused_for_the_memory_store(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text('serverAddress: "127.0.0.1:5999"\nserver: {workers: 2}\n')
+    process = service(f"-config={config}", cwd=tmp_path)
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 2
+    assert "server.workers: the memory store keeps its locks inside one process" in stderr
+
+
+@pytest.mark.redis
+def test_a_dead_worker_stops_the_others_and_exits_1(tmp_path: Path, redis_url: str) -> None:
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f'serverAddress: "127.0.0.1:{port}"\nbackend: {{type: redis}}\n'
+        f'store: {{url: "{redis_url}"}}\nserver: {{workers: 2, shutdownGrace: 1}}\n'
+    )
+    process = service(f"-config={config}", cwd=tmp_path)
+    try:
+        wait_serving(port, process)
+        first, second = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        os.kill(int(first), signal.SIGKILL)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 1
+    assert f"worker pid {first} exited with -9; stopping the others" in stderr
+    assert not Path(f"/proc/{second}").exists()

@@ -129,6 +129,20 @@ def test_log_levels_accept_the_original_names(tmp_path: Path, level: str, expect
             "integer",
         ),
         ("", {"QUORUMQUEST_NOPE": "x"}, "QUORUMQUEST_NOPE", "no known key"),
+        ("server: {workers: 2}\n", {}, "server.workers", "memory store"),
+        ("server: {workers: 0}\n", {}, "server.workers", "greater than 0"),
+        (
+            'serverAddress: "127.0.0.1:0"\nbackend: {type: redis}\nserver: {workers: 2}\n',
+            {},
+            "server.workers",
+            "fixed port",
+        ),
+        (
+            "backend: {type: redis}\nserver: {workers: 2}\nobservability: {prometheusPort: 9464}\n",
+            {},
+            "observability.prometheusPort",
+            "server.workers",
+        ),
     ],
 )
 def test_bad_config_names_the_key_path(
@@ -191,3 +205,10 @@ def test_seed_environment_names_reach_backend_specific_keys() -> None:
     )
     assert settings.store["accessKeyId"] == "AKIA1"
     assert settings.store_settings().accessKeyId == "AKIA1"
+
+
+def test_workers_auto_means_one_per_core(tmp_path: Path) -> None:
+    import os
+
+    settings = load("backend: {type: redis}\nserver: {workers: auto}\n", tmp_path)
+    assert settings.server.workers == (os.cpu_count() or 1)

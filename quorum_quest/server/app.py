@@ -71,10 +71,15 @@ class LockServer:
             LeaseBook(),
             started=time.monotonic(),
         )
-        tracer_provider = CurrentTracerProvider(lambda: self.runtime.current.telemetry)
+        # The tracing interceptor costs every call a few percent even with a no-op
+        # tracer, so it is installed only when traces are exported from the start; it
+        # then follows every reload of the observability settings.
+        interceptors = []
+        if settings.observability.otelEndpoint:
+            tracer_provider = CurrentTracerProvider(lambda: self.runtime.current.telemetry)
+            interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider))
         self._server = grpc.aio.server(
-            options=channel_options(reuse_port),
-            interceptors=[aio_server_interceptor(tracer_provider=tracer_provider)],
+            options=channel_options(reuse_port), interceptors=interceptors
         )
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -193,6 +198,11 @@ class LockServer:
                 self._reload_rejected(f"the new store cannot be used: {exc}")
                 return False
         telemetry = old.telemetry
+        if new.observability.otelEndpoint and not old.settings.observability.otelEndpoint:
+            logger.warning(
+                "observability.otelEndpoint set: metrics are exported now, traces of calls"
+                " after a restart (the tracing interceptor is installed at start)"
+            )
         if new.observability != old.settings.observability:
             telemetry = self._telemetry(new)
             telemetry.carry_counts_from(old.telemetry)

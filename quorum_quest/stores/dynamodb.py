@@ -12,7 +12,8 @@ occurs inside either part and two different pairs can never share a `pk`.
 
 The writes (each a single `UpdateItem`; a failed `ConditionExpression` is the normal "no"):
 
-    grant    SET holder = :client, expires_at = :expires  ADD token :one
+    grant    SET holder = :client, expires_at = :expires,
+                 token = if_not_exists(token, :seed) + :one
              IF attribute_not_exists(holder) OR expires_at <= :stale
                 OR (holder = :client AND expires_at <= :now)
     extend   SET expires_at = :expires
@@ -34,13 +35,15 @@ whose clock runs ahead by less than the margin cannot take over a lease that its
 instance still keeps alive. A holder's own lease (keep-alive, release, re-acquire) is
 judged without the margin.
 
-Tokens and TTL: the token is advanced with `ADD` in the very write that grants the lock,
-so a token is never issued twice and grows by one per grant. Release REMOVEs the holder
-attributes and leaves the item (and its counter) in place, and no lock item ever carries
-the TTL attribute: DynamoDB's native TTL deletes whole items and would take the counter
-with it, after which `ADD` would restart at 1. An expired lease needs no deletion either,
-since the conditions compare `expires_at` with the clock. Native TTL is enabled on the
-dedicated attribute `purge_at` (epoch seconds) for the store's own short-lived items: the
+Tokens and TTL: the token is advanced in the very write that grants the lock, so a token
+is never issued twice and grows by one per grant. A lock's first grant seeds the counter
+with this instance's clock in microseconds, so that should the item ever be lost (a table
+recreated), the new counter still starts above every token issued before. Release
+REMOVEs the holder attributes and leaves the item (and its counter) in place, and no lock
+item ever carries the TTL attribute: DynamoDB's native TTL deletes whole items and would
+take the counter with it. An expired lease needs no deletion either, since the
+conditions compare `expires_at` with the clock. Native TTL is enabled on the dedicated
+attribute `purge_at` (epoch seconds) for the store's own short-lived items: the
 write probe (`pk` "probe:write") that `start()` writes to prove the table accepts writes.
 """
 
@@ -90,7 +93,7 @@ PURGE_AT = "purge_at"  # the table's native TTL attribute, never on a lock item
 WRITE_PROBE_KEY = "probe:write"
 
 _NAMES = {"#holder": HOLDER, "#expires": EXPIRES_AT, "#token": TOKEN}
-_GRANT = "SET #holder = :client, #expires = :expires ADD #token :one"
+_GRANT = "SET #holder = :client, #expires = :expires, #token = if_not_exists(#token, :seed) + :one"
 _GRANT_IF = (
     "attribute_not_exists(#holder) OR #expires <= :stale"
     " OR (#holder = :client AND #expires <= :now)"
@@ -524,6 +527,7 @@ class DynamoStore(LockStore):
                     ":now": {"N": str(now)},
                     ":stale": {"N": str(now - self._margin_ms)},
                     ":one": {"N": "1"},
+                    ":seed": {"N": str(time.time_ns() // 1000)},
                 },
                 old_on_failure=True,
             )

@@ -220,7 +220,7 @@ async def test_tokens_strictly_increase_over_100_cycles(config: dict[str, Any]) 
             tokens.append(granted.token)
             assert await store.release(key, client)
     assert all(a < b for a, b in zip(tokens, tokens[1:], strict=False)), tokens
-    assert tokens[-1] - tokens[0] == 99  # one ADD per grant, none per refresh or release
+    assert tokens[-1] - tokens[0] == 99  # +1 per grant, none per refresh or release
 
 
 async def test_counter_survives_release_and_ttl_cleanup(
@@ -650,3 +650,17 @@ def test_bad_endpoints_are_rejected(bad: str) -> None:
 def test_bad_table_names_are_rejected(bad: str) -> None:
     with pytest.raises(ValidationError, match="table"):
         DynamoSettings(table=bad)
+
+
+async def test_tokens_keep_rising_when_the_lock_item_is_lost(
+    config: dict[str, Any], dynamodb_endpoint: Endpoint
+) -> None:
+    """A recreated table (or a deleted item) must not make tokens start over."""
+    key = fresh_key()
+    async with started(config) as store:
+        before = (await store.acquire(key, "alice", LONG_MS)).token
+        dynamodb_endpoint.admin().delete_item(
+            TableName=config["table"], Key={"pk": {"S": lock_item_key(key)}}
+        )
+        after = (await store.acquire(key, "bob", LONG_MS)).token
+    assert after > before

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from benchmarks.targets import Session, Target
+from quorum_quest.errors import ServiceUnavailable
 from quorum_quest.stores import LockKey
 
 OPERATIONS = ("acquire", "keep_alive", "release")
@@ -83,6 +84,8 @@ def error_kind(exc: BaseException) -> str:
     """A short label: the gRPC status name, TIMEOUT, or the exception's class name."""
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code().name
+    if isinstance(exc, ServiceUnavailable) and isinstance(exc.code, grpc.StatusCode):
+        return exc.code.name  # the SDK's error (redis-sdk), carrying the gRPC status
     if isinstance(exc, TimeoutError):
         return "TIMEOUT"
     return type(exc).__name__

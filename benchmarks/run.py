@@ -1,11 +1,13 @@
-"""Run the benchmark matrix, print one markdown table, save the results as JSON.
+"""Run the benchmark matrix, print one markdown table, save it as JSON, Markdown and PNG.
 
-uv run python -m benchmarks.run [--targets memory,redis,redis-direct]
+uv run python -m benchmarks.run [--targets echo,memory,redis,redis-direct]
     [--scenarios distinct,contended] [--clients 1,10,50] [--duration 3]
     [--warmup 0.5] [--timeout 2] [--redis-url redis://127.0.0.1:6379/0]
-    [--trace-sample-ratio 0.1]
+    [--trace-sample-ratio 0.1] [--results-dir benchmarks/results]
+uv run python -m benchmarks.run --mode failover [--ttl 3] [--rounds 5] [--waiters 3]
 
-More targets: memory+obs and redis+obs (observability fully on), e.g.
+More targets: redis-sdk (the redis service through the SDK's client objects);
+memory+obs and redis+obs (observability fully on), e.g.
 --targets memory,memory+obs,redis,redis+obs for the cost of observability; scylladb,
 dynamodb and dynamodb-moto (the service against one Cassandra node, dynalite, moto).
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import json
 import os
 import platform
 import sys
@@ -30,7 +31,15 @@ from urllib.parse import urlsplit
 
 import redis
 
+from benchmarks.failover import (
+    FailoverSettings,
+    expected_ms,
+    failover_table,
+    run_failover,
+    summarize,
+)
 from benchmarks.load import SCENARIOS, LoadSettings, run_cell
+from benchmarks.report import ceiling_rows, cycles_chart, failover_chart, save
 from benchmarks.targets import DEFAULT_TARGETS, OBSERVED, TARGETS, WHERE, open_target
 from quorum_quest.config.settings import LoggerSettings, ObservabilitySettings
 from quorum_quest.telemetry.logging import configure_logging
@@ -40,6 +49,7 @@ from tests.backends.redis import RedisProcess
 
 RESULTS_DIR = Path(__file__).parent / "results"
 SETTINGS = (
+    "mode",
     "targets",
     "scenarios",
     "clients",
@@ -107,6 +117,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
+        "--mode",
+        choices=("cycles", "failover"),
+        default="cycles",
+        help="cycles: the matrix of targets (default); failover: how long a lock stays "
+        "unheld after its leader dies or exits",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help="where the JSON, Markdown and PNG files go; default benchmarks/results",
+    )
+    parser.add_argument(
         "--targets",
         type=names(TARGETS),
         default=list(DEFAULT_TARGETS),
@@ -129,16 +152,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=ObservabilitySettings().traceSampleRatio,
         help="traceSampleRatio of the +obs targets; default: the service's default",
     )
-    return parser.parse_args(argv)
+    failover = parser.add_argument_group("--mode failover")
+    failover.add_argument("--ttl", type=positive, default=3.0, help="lease of leader and waiters")
+    failover.add_argument("--rounds", type=int, default=5, help="rounds per case")
+    failover.add_argument("--waiters", type=int, default=3, help="waiting clients per round")
+    failover.add_argument(
+        "--settle", type=float, default=None, help="seconds the waiters poll first; default ttl"
+    )
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.waiters < 1:
+        parser.error("--rounds and --waiters must be at least 1")
+    return args
 
 
 # -- running ------------------------------------------------------------------------
 
 
 @contextmanager
-def redis_for(args: argparse.Namespace) -> Iterator[str | None]:
-    """The Redis URL to use: --redis-url, a started redis-server, or None if no target needs one."""
-    if not any(target.startswith("redis") for target in args.targets):
+def redis_for(args: argparse.Namespace, needed: bool) -> Iterator[str | None]:
+    """The Redis URL to use: --redis-url, a started redis-server, or None if not `needed`."""
+    if not needed:
         yield None
     elif args.redis_url:
         yield args.redis_url
@@ -318,42 +351,119 @@ def obs_summary(
     return "\n".join(lines)
 
 
-def write_json(document: dict[str, Any], started: datetime) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    return path
+def ceiling_summary(rows: list[dict[str, Any]]) -> str:
+    """Each target against the echo server: its share of the ceiling and the cycle bound."""
+    lines = [
+        "\nAgainst the ceiling (the echo server on the same clients; bound = echo calls/s ÷ 3, "
+        "the cycles/s a do-nothing server allows):\n",
+        "| scenario | clients | target | calls/s ÷ echo | cycles/s | bound cycles/s | "
+        "cycles ÷ bound |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(rows, key=lambda row: (row["scenario"], row["clients"])):
+        lines.append(
+            f"| {row['scenario']} | {row['clients']} | {row['target']} | "
+            f"{row['calls_ratio']:.2f} | {rate(row['cycles_per_s'])} | "
+            f"{rate(row['bound_cycles_per_s'])} | {row['cycles_of_bound']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def stem(started: datetime, mode: str) -> str:
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    return stamp if mode == "cycles" else f"{stamp}-{mode}"
+
+
+def command_line(argv: Sequence[str] | None) -> str:
+    given = sys.argv[1:] if argv is None else argv
+    return " ".join(["uv run python -m benchmarks.run", *given])
+
+
+def run_cycles(args: argparse.Namespace, started: datetime, command: str) -> list[Path]:
+    with redis_for(args, any(t.startswith("redis") for t in args.targets)) as redis_url:
+        results, exported = asyncio.run(run_all(args, redis_url))
+        env = environment(redis_url, args.targets)
+    settings = {key: getattr(args, key) for key in SETTINGS}
+    where = {name: WHERE[name] for name in args.targets}
+    ratios = obs_ratios(results)
+    ceiling = ceiling_rows(results)
+    parts = [
+        f"{args.duration:g} s per cell after {args.warmup:g} s warm-up, "
+        f"{args.timeout:g} s per call; {env['cpus']} CPUs shared by the load-generating "
+        "process, the service process and the store's server (redis-server, the Cassandra "
+        "JVM, the emulator).\n",
+        "\n".join(f"- {name}: {text}" for name, text in where.items()) + "\n",
+        table(results),
+    ]
+    if ceiling:
+        parts.append(ceiling_summary(ceiling))
+    if ratios or exported:
+        parts.append(obs_summary(ratios, exported, args.trace_sample_ratio))
+    text = "\n".join(parts)
+    print("\n" + text)
+    document = {
+        "started": started.isoformat(),
+        "command": command,
+        "settings": settings,
+        "environment": env,
+        "targets": where,
+        "ceiling": ceiling,
+        "observability": {"ratios": ratios, "exported": exported},
+        "results": results,
+    }
+    markdown = f"# Benchmark {started:%Y-%m-%d %H:%M:%S} UTC\n\n`{command}`\n\n{text}"
+    return save(
+        args.results_dir, stem(started, "cycles"), document, markdown, cycles_chart(results)
+    )
+
+
+def run_failover_mode(args: argparse.Namespace, started: datetime, command: str) -> list[Path]:
+    settings = FailoverSettings(
+        ttl=args.ttl,
+        rounds=args.rounds,
+        waiters=args.waiters,
+        settle=args.ttl if args.settle is None else args.settle,
+    )
+    with redis_for(args, True) as redis_url:
+        assert redis_url is not None
+        rounds = asyncio.run(run_failover(settings, redis_url))
+        env = environment(redis_url, ["redis"])
+    interval = settings.keep_alive_interval
+    text = (
+        f"Failover on the redis service: a leader process in the SDK's leadership() with "
+        f"ttl {settings.ttl:g} s (renewal every {interval:g} s), {settings.waiters} waiting "
+        f"SDK clients that poll for {settings.settle:g} s (plus up to one renewal interval) "
+        "before the leader goes away; "
+        f"{env['cpus']} CPUs shared by all processes.\n\n" + failover_table(rounds, settings)
+    )
+    print("\n" + text)
+    document = {
+        "started": started.isoformat(),
+        "command": command,
+        "settings": {
+            "mode": args.mode,
+            "ttl": settings.ttl,
+            "keep_alive_interval": interval,
+            "rounds": settings.rounds,
+            "waiters": settings.waiters,
+            "settle": settings.settle,
+        },
+        "environment": env,
+        "failover": {"summary": summarize(rounds), "rounds": rounds},
+    }
+    markdown = f"# Failover {started:%Y-%m-%d %H:%M:%S} UTC\n\n`{command}`\n\n{text}"
+    chart = failover_chart(rounds, expected_ms(settings))
+    return save(args.results_dir, stem(started, "failover"), document, markdown, chart)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(LoggerSettings(level="WARNING"))
     started = datetime.now(UTC)
-    with redis_for(args) as redis_url:
-        results, exported = asyncio.run(run_all(args, redis_url))
-        env = environment(redis_url, args.targets)
-    settings = {key: getattr(args, key) for key in SETTINGS}
-    where = {name: WHERE[name] for name in args.targets}
-    print(
-        f"\n{args.duration:g} s per cell after {args.warmup:g} s warm-up, "
-        f"{args.timeout:g} s per call; {env['cpus']} CPUs shared by the load-generating "
-        "process, the service process and the store's server (redis-server, the Cassandra "
-        "JVM, the emulator).\n"
-    )
-    print("\n".join(f"- {name}: {text}" for name, text in where.items()) + "\n")
-    print(table(results))
-    ratios = obs_ratios(results)
-    if ratios or exported:
-        print(obs_summary(ratios, exported, args.trace_sample_ratio))
-    document = {
-        "started": started.isoformat(),
-        "settings": settings,
-        "environment": env,
-        "targets": where,
-        "observability": {"ratios": ratios, "exported": exported},
-    }
-    path = write_json({**document, "results": results}, started)
-    print(f"\nresults written to {path}", file=sys.stderr)
+    command = command_line(argv)
+    run = run_failover_mode if args.mode == "failover" else run_cycles
+    paths = run(args, started, command)
+    print(f"\nresults written to {', '.join(map(str, paths))}", file=sys.stderr)
     return 0
 
 

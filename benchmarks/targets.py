@@ -1,9 +1,14 @@
 """The systems under test, each behind the same small `Session` interface.
 
+- `echo`: the ceiling reference, a do-nothing grpc.aio server (`benchmarks.echo_server`)
+  in its own process, answering the service's method paths with precomputed responses
+  of the service's sizes.
 - `memory`: the service with its memory store, called over gRPC.
 - `redis`: the service with its Redis store, called over gRPC.
 - `redis-direct`: the Redis store class called in-process, no gRPC and no service:
   the same Lua scripts on the same Redis, i.e. the floor the `redis` target sits on.
+- `redis-sdk`: the `redis` service driven through the SDK: each benchmark client is a
+  `QuorumQuestClient` (try_acquire_lock -> one renewal -> release_lock).
 - `memory+obs`, `redis+obs`: `memory` and `redis` with observability fully on: OTLP
   traces and metrics to a sink the harness runs as its own process
   (`benchmarks.otlp_sink`), metrics pushed every second, Prometheus on a free port.
@@ -16,7 +21,7 @@ The service runs as its own process, as a user runs it: `quorum-quest-service
 -config=<file>` with a YAML file written to a temp dir, on 127.0.0.1 with a free port,
 one process per target. Each benchmark client gets its own grpc.aio channel (its own
 TCP connection) and calls the raw `LeaderElectionStub`, so no SDK sleeps or retries
-are measured. `redis-direct` stays in the benchmark process.
+are measured (except for `redis-sdk`). `redis-direct` stays in the benchmark process.
 """
 
 from __future__ import annotations
@@ -41,27 +46,36 @@ import redis.asyncio as aioredis
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.echo_server import RESPONSES
 from benchmarks.otlp_sink import COUNTS_PREFIX
 from quorum_quest._rpc import LeaderElectionStub, pb
+from quorum_quest.client import QuorumQuestClient
 from quorum_quest.stores import LockKey, LockStore, store_class
 from quorum_quest.stores.redis import RedisSettings
 from tests.backends import free_port
 from tests.backends.cassandra import TEST_KEYSPACE, cql_server
 from tests.backends.dynamodb import dynalite_process, moto_process
 
-DEFAULT_TARGETS = ("memory", "redis", "redis-direct")
+DEFAULT_TARGETS = ("echo", "memory", "redis", "redis-direct")
+# The `redis` service driven through the SDK's client objects, run only when asked.
+SDK = ("redis-sdk",)
 # The `+obs` targets and the plain target each one adds observability to.
 OBSERVED = {"memory+obs": "memory", "redis+obs": "redis"}
 # Targets on a store server started for them (see `store_server`), run only when asked.
 EMULATED = ("scylladb", "dynamodb", "dynamodb-moto")
-TARGETS = (*DEFAULT_TARGETS, *OBSERVED, *EMULATED)
+TARGETS = (*DEFAULT_TARGETS, *SDK, *OBSERVED, *EMULATED)
 # Where each target's code runs, for the printed header and the JSON file.
 _SERVICE = "service in its own process (quorum-quest-service -config=<file>)"
 _OBSERVED = f"{_SERVICE}, exporting OTLP to a sink process (python -m benchmarks.otlp_sink)"
+_SIZES = ", ".join(f"{name} {len(body)} B" for name, body in RESPONSES.items())
 WHERE = {
+    "echo": "do-nothing grpc.aio server in its own process (python -m benchmarks.echo_server), "
+    f"on uvloop, answering precomputed responses of the service's sizes ({_SIZES})",
     "memory": _SERVICE,
     "redis": _SERVICE,
     "redis-direct": "store called in the benchmark process, no gRPC",
+    "redis-sdk": f"{_SERVICE}, called through one QuorumQuestClient per benchmark client "
+    "(try_acquire_lock -> one renewal -> release_lock)",
     "memory+obs": _OBSERVED,
     "redis+obs": _OBSERVED,
     "scylladb": f"{_SERVICE}, scylladb store against a single Cassandra node on this machine, "
@@ -146,11 +160,11 @@ class ServiceTarget:
     def __init__(self, name: str, address: str, timeout: float) -> None:
         self.name = name
         self.exported: dict[str, Any] = {}
-        self._address = address
+        self.address = address
         self._timeout = timeout
 
     async def open_session(self) -> ServiceSession:
-        session = ServiceSession(self._address, self._timeout)
+        session = ServiceSession(self.address, self._timeout)
         await session.connect()
         return session
 
@@ -232,6 +246,84 @@ async def service_target(
             yield ServiceTarget(name, address, timeout)
         finally:
             await stop_service(process)
+
+
+# -- the service through the SDK --------------------------------------------------------
+
+
+class SdkSession:
+    """One `QuorumQuestClient`, made for the lock of the first call.
+
+    Each client has its own channel, but gRPC lets channels with the same address and
+    options in one process share a connection: the SDK clients of a cell share one TCP
+    connection, as an application's clients would. The SDK connects on its first
+    call, so connecting happens in the warm-up. The
+    renewal is `QuorumQuestClient._renew`: the one call the SDK's keep-alive loop
+    makes per interval (the loop's sleep is what a throughput benchmark leaves out).
+    The SDK's channel has its OpenTelemetry client interceptor, as for any user.
+    """
+
+    def __init__(self, address: str, timeout: float) -> None:
+        self._address = address
+        self._timeout = timeout
+        self._client: QuorumQuestClient | None = None
+
+    def _client_for(self, key: LockKey, client_id: str) -> QuorumQuestClient:
+        if self._client is None:
+            self._client = QuorumQuestClient(
+                key.service,
+                key.domain,
+                ttl=TTL_MS / 1000,
+                address=self._address,
+                client_id=client_id,
+                rpc_timeout=self._timeout,
+            )
+        return self._client
+
+    async def acquire(self, key: LockKey, client_id: str) -> bool:
+        return await self._client_for(key, client_id).try_acquire_lock()
+
+    async def keep_alive(self, key: LockKey, client_id: str) -> bool:
+        return await self._client_for(key, client_id)._renew(self._timeout) is not None
+
+    async def release(self, key: LockKey, client_id: str) -> bool:
+        return await self._client_for(key, client_id).release_lock()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+class SdkTarget:
+    def __init__(self, name: str, address: str, timeout: float) -> None:
+        self.name = name
+        self.exported: dict[str, Any] = {}
+        self._address = address
+        self._timeout = timeout
+
+    async def open_session(self) -> SdkSession:
+        return SdkSession(self._address, self._timeout)
+
+
+# -- the ceiling reference ----------------------------------------------------------------
+
+
+@asynccontextmanager
+async def echo_target(timeout: float) -> AsyncIterator[ServiceTarget]:
+    """`benchmarks.echo_server` in its own process on 127.0.0.1 until the block exits."""
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "benchmarks.echo_server", "--port", "0"),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), SERVICE_START_TIMEOUT_S)
+        if not line.startswith(b"ready "):
+            raise RuntimeError(f"the echo server did not start (exit code {process.returncode})")
+        yield ServiceTarget("echo", f"127.0.0.1:{int(line.split()[1])}", timeout)
+    finally:
+        await stop_service(process)
 
 
 # -- the service with observability on ------------------------------------------------
@@ -435,7 +527,11 @@ async def open_target(
     """
     if name not in TARGETS:
         raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
-    backend = OBSERVED.get(name, name)
+    if name == "echo":
+        async with echo_target(timeout) as target:
+            yield target
+        return
+    backend = OBSERVED.get(name, "redis" if name in SDK else name)
 
     def service(store: dict[str, Any]) -> AbstractAsyncContextManager[ServiceTarget]:
         if name in OBSERVED:
@@ -460,7 +556,10 @@ async def open_target(
         raise ValueError(f"target {name!r} needs a Redis URL")
     key_prefix = f"qq-bench-{run_id}-{name}"
     try:
-        if backend == "redis":
+        if name in SDK:
+            async with service({"url": redis_url, "key_prefix": key_prefix}) as target:
+                yield SdkTarget(name, target.address, timeout)
+        elif backend == "redis":
             async with service({"url": redis_url, "key_prefix": key_prefix}) as target:
                 yield target
         else:

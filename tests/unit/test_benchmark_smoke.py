@@ -1,0 +1,50 @@
+"""The benchmark harness runs end to end and writes its files. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_harness(results: Path, *args: str) -> dict:
+    """`python -m benchmarks.run ARGS` into `results`; its one JSON document."""
+    command = [sys.executable, "-m", "benchmarks.run", "--results-dir", str(results), *args]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+    files = {path.suffix: path for path in results.iterdir()}
+    assert sorted(files) == [".json", ".md", ".png"], files
+    assert files[".png"].read_bytes().startswith(PNG_MAGIC)
+    assert files[".md"].read_text(encoding="utf-8").strip()
+    return json.loads(files[".json"].read_text(encoding="utf-8"))
+
+
+def test_cycles_memory_and_echo(tmp_path: Path) -> None:
+    document = run_harness(
+        tmp_path,
+        *("--targets", "memory,echo", "--scenarios", "distinct", "--clients", "1"),
+        *("--duration", "0.3", "--warmup", "0.1"),
+    )
+    results = document["results"]
+    assert [r["target"] for r in results] == ["memory", "echo"]
+    assert all(r["errors"] == 0 and not r["lost"] and r["cycles_per_s"] > 0 for r in results)
+    assert [row["target"] for row in document["ceiling"]] == ["memory"]
+    table = next(tmp_path.glob("*.md")).read_text(encoding="utf-8")
+    assert "| echo | distinct | 1 |" in table and "calls/s ÷ echo" in table
+
+
+@pytest.mark.redis
+def test_failover(tmp_path: Path) -> None:
+    document = run_harness(
+        tmp_path, *("--mode", "failover", "--ttl", "1", "--rounds", "1", "--settle", "0.3")
+    )
+    rounds = document["failover"]["rounds"]
+    assert [r["case"] for r in rounds] == ["kill", "graceful"]
+    assert all(r["unheld_ms"] >= 0 for r in rounds)
+    assert "graceful exit" in next(tmp_path.glob("*.md")).read_text(encoding="utf-8")

@@ -4,7 +4,7 @@ The public client API is exactly what this module exports; everything else is
 importable but internal.
 """
 
-from quorum_quest.client import Callbacks, Lease, QuorumQuestClient
+from quorum_quest.client import Callbacks, Lease, LeaseSet, QuorumQuestClient
 from quorum_quest.errors import (
     InvalidArgument,
     LeadershipLost,
@@ -16,6 +16,7 @@ __all__ = [
     "Callbacks",
     "InvalidArgument",
     "Lease",
+    "LeaseSet",
     "LeadershipLost",
     "QuorumQuestClient",
     "QuorumQuestError",

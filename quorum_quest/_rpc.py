@@ -38,6 +38,7 @@ METHODS = (
     Method("KeepAlive", "keep_alive", pb.KeepAliveRequest, pb.KeepAliveResponse),
     Method("GetLeader", "get_leader", pb.GetLeaderRequest, pb.GetLeaderResponse),
     Method("GetStatus", "get_status", pb.GetStatusRequest, pb.GetStatusResponse),
+    Method("KeepAliveMany", "keep_alive_many", pb.KeepAliveManyRequest, pb.KeepAliveManyResponse),
 )
 
 
@@ -62,6 +63,7 @@ class LeaderElectionStub:
     keep_alive: grpc.aio.UnaryUnaryMultiCallable
     get_leader: grpc.aio.UnaryUnaryMultiCallable
     get_status: grpc.aio.UnaryUnaryMultiCallable
+    keep_alive_many: grpc.aio.UnaryUnaryMultiCallable
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         for method in METHODS:

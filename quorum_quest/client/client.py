@@ -1,4 +1,4 @@
-"""The async Python SDK: `QuorumQuestClient` and its `leadership()` context manager."""
+"""The async Python SDK: `QuorumQuestClient`, its `leadership()` and `leaderships()`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,11 +16,12 @@ from typing import Any
 
 import anyio
 import grpc
+from anyio.abc import TaskGroup, TaskStatus
 from loguru import logger
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from quorum_quest._rpc import LeaderElectionStub, pb
-from quorum_quest.client.lease import Lease, keep_alive
+from quorum_quest.client.lease import EXPIRED, RELEASED, Lease, LeaseKeeper, keep_alive
 from quorum_quest.errors import InvalidArgument, LeadershipLost, ServiceUnavailable
 
 # Like the clients generated from the original contract: ping every 10 s, also idle.
@@ -30,6 +31,16 @@ CHANNEL_OPTIONS = (
 )
 
 LeaseCallback = Callable[[Lease], "Awaitable[None] | None"]
+# A lock named for `leaderships()`: a domain of the client's service, or (service, domain).
+LockName = str | tuple[str, str]
+
+# Renewals of a LeaseSet: locks per KeepAliveMany call, calls in flight, and how close
+# together two leases' renewals must fall to share a call.
+RENEW_BATCH = 1_000
+RENEW_CONCURRENCY = 4
+RENEW_COALESCE_S = 0.5
+# TryAcquireLock / ReleaseLock calls a LeaseSet has in flight at once.
+SET_CALL_CONCURRENCY = 64
 
 
 @dataclass(frozen=True)
@@ -105,7 +116,8 @@ class QuorumQuestClient:
         self._stub: LeaderElectionStub | None = None
         self._lease: Lease | None = None
         self._holder_hint: timedelta | None = None  # what was left of the holder's lease
-        self._abandoned_token = 0  # a lease whose release got no answer
+        # (service, domain) -> token of a lease whose release got no answer
+        self._abandoned: dict[tuple[str, str], int] = {}
         self._keep_alive_task: asyncio.Task[None] | None = None
 
     # -- connection -------------------------------------------------------------
@@ -179,42 +191,58 @@ class QuorumQuestClient:
 
     async def try_acquire_lock(self) -> bool:
         """Acquire the lock if free (or refresh ours); True when this client leads."""
-        sent_at = time.monotonic()
-        response = await self._acquire()
-        if response.is_leader and response.fencing_token == self._abandoned_token:
-            # The service still holds a lease this client tried to release without an
-            # answer. Never resume it as a new leadership: release it for sure, then
-            # acquire afresh, so each grant this client acts on has a larger token.
-            await self._release()
-            self._abandoned_token = 0
-            sent_at = time.monotonic()
-            response = await self._acquire()
+        response, sent_at = await self._grant(self.service, self.domain)
         if not response.is_leader:
-            await self._drop_lease()
+            await self._drop_lease("another client holds the lock")
             self._holder_hint = response.lease_length
             return False
         granted = response.lease_length.total_seconds()
-        if self._lease is not None and self._lease.fencing_token == response.fencing_token:
-            self._lease._renewed(sent_at, granted, self.safety_margin, response.fencing_token)
+        lease = self._lease
+        if (
+            lease is not None
+            and lease.end_reason is None
+            and lease.fencing_token == response.fencing_token
+        ):
+            lease._renewed(sent_at, granted, self.safety_margin, response.fencing_token)
             return True
-        await self._drop_lease()
-        self._lease = Lease(
-            self.service,
-            self.domain,
+        await self._drop_lease("replaced by a new grant")
+        self._lease = self._new_lease(self.service, self.domain, response, sent_at)
+        await self._notify(self.callbacks.on_leader_elected, self._lease)
+        return True
+
+    def _new_lease(
+        self, service: str, domain: str, response: pb.TryAcquireLockResponse, sent_at: float
+    ) -> Lease:
+        granted = response.lease_length.total_seconds()
+        return Lease(
+            service,
+            domain,
             self.client_id,
             response.fencing_token,
             granted,
             sent_at + granted - self.safety_margin,
         )
-        await self._notify(self.callbacks.on_leader_elected, self._lease)
-        return True
 
-    async def _acquire(self) -> pb.TryAcquireLockResponse:
+    async def _grant(self, service: str, domain: str) -> tuple[pb.TryAcquireLockResponse, float]:
+        """Try to acquire (service, domain): the answer and its send time (monotonic)."""
+        sent_at = time.monotonic()
+        response = await self._acquire(service, domain)
+        if response.is_leader and response.fencing_token == self._abandoned.get((service, domain)):
+            # The service still holds a lease this client tried to release without an
+            # answer. Never resume it as a new leadership: release it for sure, then
+            # acquire afresh, so each grant this client acts on has a larger token.
+            await self._release(service, domain)
+            del self._abandoned[service, domain]
+            sent_at = time.monotonic()
+            response = await self._acquire(service, domain)
+        return response, sent_at
+
+    async def _acquire(self, service: str, domain: str) -> pb.TryAcquireLockResponse:
         return await self._call(
             self.stub.try_acquire_lock,
             pb.TryAcquireLockRequest(
-                service=self.service,
-                domain=self.domain,
+                service=service,
+                domain=domain,
                 client_id=self.client_id,
                 ttl=max(1, math.ceil(self.ttl)),
                 ttl_ms=max(1, round(self.ttl * 1000)),
@@ -236,6 +264,29 @@ class QuorumQuestClient:
         granted = response.lease_length.total_seconds() if response.lease_length else -1.0
         return (granted, response.fencing_token) if granted > 0 else None
 
+    async def _renew_many(
+        self, leases: Sequence[Lease], timeout: float
+    ) -> list[tuple[float, int] | None]:
+        response = await self._call(
+            self.stub.keep_alive_many,
+            pb.KeepAliveManyRequest(
+                client_id=self.client_id,
+                locks=[pb.LockRef(service=lease.service, domain=lease.domain) for lease in leases],
+                ttl=max(1, math.ceil(self.ttl)),
+                ttl_ms=max(1, round(self.ttl * 1000)),
+            ),
+            timeout=timeout,
+        )
+        tokens = response.fencing_tokens
+        if len(tokens) != len(leases):
+            raise ServiceUnavailable(
+                f"KeepAliveMany answered {len(tokens)} results for {len(leases)} locks"
+            )
+        granted = response.lease_length.total_seconds() if response.lease_length else -1.0
+        if granted <= 0:
+            return [None] * len(leases)
+        return [(granted, token) if token else None for token in tokens]
+
     async def _keep_until_lost(self, lease: Lease) -> str:
         return await keep_alive(
             lease,
@@ -245,9 +296,10 @@ class QuorumQuestClient:
             rpc_timeout=self.rpc_timeout,
         )
 
-    async def _drop_lease(self) -> None:
+    async def _drop_lease(self, reason: str) -> None:
         lease, self._lease = self._lease, None
         if lease is not None:
+            lease._end(reason)
             await self._notify(self.callbacks.on_leader_lost, lease)
 
     async def start_keep_alive(self) -> None:
@@ -261,7 +313,7 @@ class QuorumQuestClient:
             reason = await self._keep_until_lost(lease)
             logger.warning("lost {}/{}: {}", self.service, self.domain, reason)
             if self._lease is lease:
-                await self._drop_lease()
+                await self._drop_lease(reason)
 
         self._keep_alive_task = asyncio.get_running_loop().create_task(run())
 
@@ -280,23 +332,27 @@ class QuorumQuestClient:
         self.stop_keep_alive()
         lease = self._lease
         try:
-            released = await self._release()
-        except (ServiceUnavailable, InvalidArgument):
-            if lease is not None:
-                self._abandoned_token = lease.fencing_token
-            raise
+            released = await self._release_lease(self.service, self.domain, lease)
         finally:
-            await self._drop_lease()
-        if lease is not None and lease.fencing_token == self._abandoned_token:
-            self._abandoned_token = 0
+            await self._drop_lease(RELEASED)
         return released
 
-    async def _release(self) -> bool:
+    async def _release_lease(self, service: str, domain: str, lease: Lease | None) -> bool:
+        """Release (service, domain); remember `lease` as abandoned if that got no answer."""
+        try:
+            released = await self._release(service, domain)
+        except (ServiceUnavailable, InvalidArgument):
+            if lease is not None:
+                self._abandoned[service, domain] = lease.fencing_token
+            raise
+        if lease is not None and self._abandoned.get((service, domain)) == lease.fencing_token:
+            del self._abandoned[service, domain]
+        return released
+
+    async def _release(self, service: str, domain: str) -> bool:
         response = await self._call(
             self.stub.release_lock,
-            pb.ReleaseLockRequest(
-                service=self.service, domain=self.domain, client_id=self.client_id
-            ),
+            pb.ReleaseLockRequest(service=service, domain=domain, client_id=self.client_id),
         )
         return response.released
 
@@ -363,6 +419,213 @@ class QuorumQuestClient:
                             "could not release {}/{}: {}", self.service, self.domain, exc
                         )
                 elif self._lease is lease:
-                    await self._drop_lease()
+                    await self._drop_lease(lease.end_reason or "lost")
         if lost is not None:
             raise lost
+
+    @asynccontextmanager
+    async def leaderships(
+        self, locks: Iterable[LockName], *, callbacks: Callbacks | None = None
+    ) -> AsyncIterator[LeaseSet]:
+        """Hold as many of `locks` as are free, all kept alive together, for the block.
+
+        A lock is a domain of this client's service, or a `(service, domain)` pair.
+        On entry each lock is tried once; `await leases.try_acquire()` tries the
+        missing ones again. Every held lease is renewed by one background loop with
+        batched `KeepAliveMany` calls, with the guarantees of `leadership()` for each
+        lease on its own. A lost lease ends (`lease.wait_ended()`, `is_valid` turns
+        false, `callbacks.on_leader_lost` is called) and leaves the set; the others
+        and the block go on. Every lease still held is released on exit.
+        """
+        try:
+            async with anyio.create_task_group() as group:
+                leases = LeaseSet(self, locks, callbacks or Callbacks(), group)
+                try:
+                    # Renewing from the first grant on: acquiring thousands takes a while.
+                    await group.start(leases._keep)
+                    await leases.try_acquire()
+                    yield leases
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await leases._close()
+        except ExceptionGroup as errors:
+            # The body's error, or the keeper's, as itself rather than in a group.
+            if len(errors.exceptions) == 1:
+                raise errors.exceptions[0] from None
+            raise
+
+
+def _lock_name(service: str, name: LockName) -> tuple[str, str]:
+    return (service, name) if isinstance(name, str) else (name[0], name[1])
+
+
+class LeaseSet:
+    """The leases one client holds on a set of locks, made by `client.leaderships()`.
+
+    Iterating gives the leases held now; `get(lock)` one of them or None. Every
+    lease is renewed by one `LeaseKeeper` (batched `KeepAliveMany` calls), so one
+    client object can lead thousands of locks with a handful of calls per interval.
+    """
+
+    def __init__(
+        self,
+        client: QuorumQuestClient,
+        locks: Iterable[LockName],
+        callbacks: Callbacks,
+        group: TaskGroup,
+    ) -> None:
+        self._client = client
+        self._locks = list(dict.fromkeys(_lock_name(client.service, lock) for lock in locks))
+        self._callbacks = callbacks
+        self._group = group
+        self._held: dict[tuple[str, str], Lease] = {}
+        self._keeper = LeaseKeeper(
+            client._renew_many,
+            interval=client.keep_alive_interval,
+            margin=client.safety_margin,
+            rpc_timeout=client.rpc_timeout,
+            batch_size=RENEW_BATCH,
+            concurrency=RENEW_CONCURRENCY,
+            coalesce=min(RENEW_COALESCE_S, client.keep_alive_interval / 10),
+            on_lost=self._lost,
+        )
+        self._keeping: anyio.CancelScope | None = None
+        self._unreported: list[Lease] = []  # lost, not logged yet
+
+    @property
+    def locks(self) -> list[tuple[str, str]]:
+        """Every lock of the set, held or not, as (service, domain)."""
+        return list(self._locks)
+
+    def __iter__(self) -> Iterator[Lease]:
+        return (lease for lease in list(self._held.values()) if lease.is_valid)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def get(self, lock: LockName) -> Lease | None:
+        """The valid lease on `lock` (a domain of the client's service, or a pair), or None."""
+        lease = self._held.get(_lock_name(self._client.service, lock))
+        return lease if lease is not None and lease.is_valid else None
+
+    async def try_acquire(self) -> list[Lease]:
+        """Try once to acquire every lock of the set not held now; the leases it got.
+
+        Locks held by someone else are skipped. A lock the service could not answer
+        for is logged and left for the next try; `InvalidArgument` is raised.
+        """
+        client = self._client
+        missing = [lock for lock in self._locks if self.get(lock) is None]
+        granted: list[Lease] = []
+        failed: list[tuple[tuple[str, str], ServiceUnavailable]] = []
+        calls = anyio.CapacityLimiter(SET_CALL_CONCURRENCY)
+
+        async def acquire(lock: tuple[str, str]) -> None:
+            async with calls:
+                try:
+                    response, sent_at = await client._grant(*lock)
+                except ServiceUnavailable as exc:
+                    failed.append((lock, exc))
+                    return
+            if response.is_leader:
+                stale = self._held.get(lock)
+                if stale is not None:  # ran out before the keeper noticed: it ends now
+                    self._keeper.discard(stale)
+                    self._end(stale, EXPIRED)
+                lease = client._new_lease(*lock, response, sent_at)
+                self._held[lock] = lease
+                self._keeper.add(lease)
+                granted.append(lease)
+                self._notify(self._callbacks.on_leader_elected, lease)
+
+        try:
+            async with anyio.create_task_group() as attempts:
+                for lock in missing:
+                    attempts.start_soon(acquire, lock)
+        except ExceptionGroup as errors:
+            raise errors.exceptions[0] from None
+        if failed:
+            (service, domain), error = failed[0]
+            logger.warning(
+                "could not try {} of {} locks (e.g. {}/{}): {}",
+                len(failed),
+                len(missing),
+                service,
+                domain,
+                error,
+            )
+        return granted
+
+    async def release(self, lock: LockName) -> bool:
+        """Stop holding `lock` and release it; True when this call released it."""
+        name = _lock_name(self._client.service, lock)
+        lease = self._held.pop(name, None)
+        if lease is None:
+            return False
+        self._keeper.discard(lease)
+        try:
+            return await self._client._release_lease(*name, lease)
+        finally:
+            self._end(lease, RELEASED)
+
+    def _notify(self, callback: LeaseCallback | None, lease: Lease) -> None:
+        if callback is not None:
+            self._group.start_soon(self._client._notify, callback, lease)
+
+    def _end(self, lease: Lease, reason: str) -> None:
+        lease._end(reason)
+        self._notify(self._callbacks.on_leader_lost, lease)
+
+    def _lost(self, lease: Lease) -> None:
+        """The keeper lost `lease`: it leaves the set, the others carry on."""
+        name = (lease.service, lease.domain)
+        if self._held.get(name) is lease:
+            del self._held[name]
+        if not self._unreported:
+            self._group.start_soon(self._report_lost)
+        self._unreported.append(lease)
+        self._notify(self._callbacks.on_leader_lost, lease)
+
+    async def _report_lost(self) -> None:
+        """One log line for the leases lost together (one answer can refuse thousands)."""
+        await anyio.sleep(0)  # let the rest of this answer come in first
+        lost, self._unreported = self._unreported, []
+        first = lost[0]
+        logger.warning(
+            "lost {} lock(s), e.g. {}/{}: {}",
+            len(lost),
+            first.service,
+            first.domain,
+            first.end_reason,
+        )
+
+    async def _keep(self, *, task_status: TaskStatus[None]) -> None:
+        with anyio.CancelScope() as self._keeping:
+            task_status.started()
+            await self._keeper.run()
+
+    async def _close(self) -> None:
+        """Stop renewing, then release every lease still held."""
+        if self._keeping is not None:
+            self._keeping.cancel()
+        held, self._held = self._held, {}
+        for lease in held.values():
+            self._keeper.discard(lease)
+        calls = anyio.CapacityLimiter(SET_CALL_CONCURRENCY)
+        failures: list[Exception] = []
+
+        async def release(lease: Lease) -> None:
+            async with calls:
+                try:
+                    await self._client._release_lease(lease.service, lease.domain, lease)
+                except (ServiceUnavailable, InvalidArgument) as exc:
+                    failures.append(exc)
+            self._end(lease, RELEASED)
+
+        async with anyio.create_task_group() as releases:
+            for lease in held.values():
+                releases.start_soon(release, lease)
+        if failures:
+            logger.warning(
+                "could not release {} of {} locks: {}", len(failures), len(held), failures[0]
+            )

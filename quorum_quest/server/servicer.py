@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,17 +37,30 @@ if TYPE_CHECKING:
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-# A handler answers with its response and the result counted in metrics.
-Handler = Callable[[Any, "Snapshot", Request], Awaitable[tuple[Response, str]]]
+# The result counted in metrics: one per call, or for a batch how many locks had each.
+Results = str | Counter[str]
+# A handler answers with its response and its results.
+Handler = Callable[[Any, "Snapshot", Request], Awaitable[tuple[Response, Results]]]
 Served = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
 
 NOT_HOLDER_LEASE = timedelta(seconds=-1)
+# The most locks one KeepAliveMany may name; more is INVALID_ARGUMENT.
+MAX_BATCH_LOCKS = 10_000
+# A refused batch logs one line naming at most this many of the locks.
+REFUSED_EXAMPLES = 5
+
+
+def _one(request: object) -> int:
+    return 1
 
 
 def _lock_operation(
-    operation: str,
+    operation: str, *, locks: Callable[[Any], int] = _one
 ) -> Callable[[Handler[Request, Response]], Served[Request, Response]]:
-    """Serve `handler` on one snapshot, within the caller's deadline, with errors as statuses."""
+    """Serve `handler` on one snapshot, within the caller's deadline, with errors as statuses.
+
+    Metrics count lock operations: `locks(request)` is how many a failed call counts.
+    """
 
     def decorate(handler: Handler[Request, Response]) -> Served[Request, Response]:
         @functools.wraps(handler)
@@ -70,17 +84,24 @@ def _lock_operation(
                             response, result = await handler(self, snapshot, request)
                     else:
                         response, result = await handler(self, snapshot, request)
-                telemetry.count(operation, result, backend, started)
+                if isinstance(result, str):
+                    telemetry.count(operation, result, backend, started)
+                else:
+                    for each, times in result.items():
+                        for _ in range(times):
+                            telemetry.count(operation, each, backend, started)
                 return response
             except InvalidArgument as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except StoreUnavailable as exc:
                 telemetry.store_error(operation, backend)
-                telemetry.count(operation, ERROR, backend, started)
+                for _ in range(locks(request)):
+                    telemetry.count(operation, ERROR, backend, started)
                 logger.warning("store call failed: {}", exc)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             except TimeoutError:
-                telemetry.count(operation, ERROR, backend, started)
+                for _ in range(locks(request)):
+                    telemetry.count(operation, ERROR, backend, started)
                 await context.abort(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     "the deadline passed before the store answered",
@@ -106,7 +127,30 @@ def _lock_key(request: Any) -> LockKey:
     return LockKey(_name("service", request.service), _name("domain", request.domain))
 
 
-def _ttl_ms(snapshot: Snapshot, request: pb.TryAcquireLockRequest | pb.KeepAliveRequest) -> int:
+def _lock_keys(locks: Sequence[pb.LockRef]) -> list[LockKey]:
+    """The batch's keys; a bad one is named with its index, e.g. `locks[3].domain`."""
+    if len(locks) > MAX_BATCH_LOCKS:
+        raise InvalidArgument("locks", f"at most {MAX_BATCH_LOCKS} per call, got {len(locks)}")
+    keys = []
+    for index, lock in enumerate(locks):
+        try:
+            keys.append(_lock_key(lock))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"locks[{index}].{exc.field}", exc.reason) from None
+    return keys
+
+
+def _some(keys: list[LockKey]) -> str:
+    """The first `REFUSED_EXAMPLES` of `keys` as service/domain, and how many more."""
+    shown = ", ".join(f"{key.service}/{key.domain}" for key in keys[:REFUSED_EXAMPLES])
+    rest = len(keys) - REFUSED_EXAMPLES
+    return f"{shown} and {rest} more" if rest > 0 else shown
+
+
+TtlRequest = pb.TryAcquireLockRequest | pb.KeepAliveRequest | pb.KeepAliveManyRequest
+
+
+def _ttl_ms(snapshot: Snapshot, request: TtlRequest) -> int:
     """ttl_ms wins when set; ttl <= 0 means the default; above the maximum is an error."""
     policy = snapshot.policy
     if request.ttl_ms > 0:
@@ -184,6 +228,37 @@ class LeaderElectionServicer:
             lease_length=timedelta(milliseconds=ttl_ms), fencing_token=result.token
         )
         return response, RENEWED
+
+    @_lock_operation("keep_alive_many", locks=lambda request: len(request.locks))
+    async def keep_alive_many(
+        self, snapshot: Snapshot, request: pb.KeepAliveManyRequest
+    ) -> tuple[pb.KeepAliveManyResponse, Results]:
+        client_id = _name("client_id", request.client_id)
+        keys = _lock_keys(request.locks)
+        ttl_ms = _ttl_ms(snapshot, request)
+        renewals = await snapshot.store.keep_alive_many(keys, client_id, ttl_ms)
+        leases = self._runtime.leases
+        refused = []
+        for key, renewal in zip(keys, renewals, strict=True):
+            if renewal.renewed:
+                leases.granted(key, ttl_ms)
+            else:
+                leases.ended(key)
+                refused.append(key)
+        if refused:
+            # One line per batch, not per lock: a client can hold thousands of locks.
+            logger.info(
+                "locks lost: keep-alive refused for {} of {} locks, client_id={}: {}",
+                len(refused),
+                len(keys),
+                client_id,
+                _some(refused),
+            )
+        response = pb.KeepAliveManyResponse(
+            lease_length=timedelta(milliseconds=ttl_ms),
+            fencing_tokens=[renewal.token if renewal.renewed else 0 for renewal in renewals],
+        )
+        return response, Counter({RENEWED: len(keys) - len(refused), NOT_HOLDER: len(refused)})
 
     @_lock_operation("release")
     async def release_lock(

@@ -2,19 +2,25 @@
 
 A store owns the lock state. Each of `acquire`, `keep_alive` and `release` must be
 ONE atomic backend operation, so that two service instances sharing a backend can
-never both grant the same lock. Stores raise `StoreUnavailable` when the backend
+never both grant the same lock. `keep_alive_many` renews each lock of a batch as
+`keep_alive` would, each renewal atomic on its own; a backend that can renew a batch
+in one round trip overrides it. Stores raise `StoreUnavailable` when the backend
 cannot answer; they never turn a failure into "held by someone else".
 """
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_NAME_BYTES = 256
+# How many `keep_alive` calls the default `keep_alive_many` has in flight at once.
+KEEP_ALIVE_MANY_CONCURRENCY = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +104,32 @@ class LockStore(ABC):
     @abstractmethod
     async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
         """Extend the caller's live lease to `ttl_ms`; never revive an expired or released one."""
+
+    async def keep_alive_many(
+        self, keys: Sequence[LockKey], client_id: str, ttl_ms: int
+    ) -> list[Renewal]:
+        """`keep_alive` for each of `keys`, answered in the same order.
+
+        Each lock is renewed on its own (never revived, never renewed for another
+        holder); the batch is not atomic as a whole. Raises `StoreUnavailable` when any
+        renewal could not be made: renewing again is always safe. This default runs
+        `keep_alive` concurrently, at most `KEEP_ALIVE_MANY_CONCURRENCY` at a time.
+        """
+        renewals: list[Renewal] = [Renewal(False)] * len(keys)
+        pending = iter(enumerate(keys))
+
+        async def renew_next() -> None:
+            for index, key in pending:
+                renewals[index] = await self.keep_alive(key, client_id, ttl_ms)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(KEEP_ALIVE_MANY_CONCURRENCY, len(keys))):
+                    group.create_task(renew_next())
+        except ExceptionGroup as failures:
+            # The first failure stands for the batch, as one failed call would.
+            raise failures.exceptions[0] from None
+        return renewals
 
     @abstractmethod
     async def release(self, key: LockKey, client_id: str) -> bool:

@@ -9,6 +9,7 @@ so on the single event loop each one is atomic.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from quorum_quest.stores.base import (
@@ -77,7 +78,15 @@ class MemoryStore(LockStore):
         return Acquisition(False, lease.holder, lease.token, _remaining_ms(lease, now))
 
     async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
+        return self._renew(key, client_id, ttl_ms, time.monotonic())
+
+    async def keep_alive_many(
+        self, keys: Sequence[LockKey], client_id: str, ttl_ms: int
+    ) -> list[Renewal]:
         now = time.monotonic()
+        return [self._renew(key, client_id, ttl_ms, now) for key in keys]
+
+    def _renew(self, key: LockKey, client_id: str, ttl_ms: int, now: float) -> Renewal:
         lease = self._live(key, now)
         if lease is None or lease.holder != client_id:
             return Renewal(False)

@@ -7,7 +7,10 @@ Keys (with the default `key_prefix: lock`):
 
 service and domain are percent-encoded, so ':' inside a name cannot make two pairs
 collide, and '{'/'}' cannot break the hash tag: both keys of one lock share a hash
-slot, which is what Redis Cluster requires of a script's keys. The counter outlives
+slot, which is what Redis Cluster requires of a script's keys. A batch of renewals
+is one non-transactional pipeline of the single-lock script: one round trip, each
+script atomic on its own and touching one slot, so a batch never needs its locks to
+share a slot. The counter outlives
 the lease on purpose: a token must stay larger than every token issued before,
 also after expiry and release. It is floored at the server's clock in
 microseconds, so a counter lost with the data still never repeats a token.
@@ -15,12 +18,13 @@ microseconds, so a counter lost with the data still never repeats a token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
 from pydantic import Field, field_validator
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from quorum_quest.errors import StoreUnavailable
 from quorum_quest.stores.base import (
@@ -157,6 +161,33 @@ class RedisStore(LockStore):
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(self.backend, f"{self._where}: {exc}") from exc
 
+    async def _run_each(self, script: Any, keys: list[str], args: list[Any]) -> list[Any]:
+        """Run `script` once per key (with the same `args`) in one pipeline, in order."""
+        try:
+            replies = await self._pipeline(script, keys, args)
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:
+                # Redis lost its script cache (restart, SCRIPT FLUSH): a script that
+                # answered NOSCRIPT did not run, so load it and run those again.
+                await self._redis.script_load(script.script)
+                again = await self._pipeline(script, [keys[i] for i in missing], args)
+                for index, reply in zip(missing, again, strict=True):
+                    replies[index] = reply
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(self.backend, f"{self._where}: {exc}") from exc
+
+    async def _pipeline(self, script: Any, keys: list[str], args: list[Any]) -> list[Any]:
+        # EVALSHA directly: `script(client=pipeline)` would first ask SCRIPT EXISTS,
+        # a second round trip per batch.
+        async with self._redis.pipeline(transaction=False) as pipeline:
+            for key in keys:
+                pipeline.evalsha(script.sha, 1, key, *args)
+            return await pipeline.execute(raise_on_error=False)
+
     async def start(self) -> None:
         await self.ping()
 
@@ -182,6 +213,15 @@ class RedisStore(LockStore):
     async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
         token = await self._run(self._keep_alive, [self._lock_key(key)], [client_id, ttl_ms])
         return Renewal(token > 0, int(token))
+
+    async def keep_alive_many(
+        self, keys: Sequence[LockKey], client_id: str, ttl_ms: int
+    ) -> list[Renewal]:
+        if not keys:
+            return []
+        locks = [self._lock_key(key) for key in keys]
+        tokens = await self._run_each(self._keep_alive, locks, [client_id, ttl_ms])
+        return [Renewal(token > 0, int(token)) for token in tokens]
 
     async def release(self, key: LockKey, client_id: str) -> bool:
         return bool(await self._run(self._release, [self._lock_key(key)], [client_id]))

@@ -1,0 +1,406 @@
+"""Many leases held by one client: renewal lag and spurious expirations.
+
+uv run python -m benchmarks.many_leases [--leases 1000,10000,50000] [--ttl 15]
+    [--duration 45] [--find-max [--factor 2] [--max-leases 400000]]
+    [--redis-url redis://127.0.0.1:6379/0] [--results-dir DIR]
+
+The service runs as its own process on the Redis store, started as the other targets
+start it (`benchmarks.targets.service_target`); Redis is a throw-away redis-server
+(`tests.backends.redis.RedisProcess`) unless --redis-url names one on 127.0.0.1. For
+each lease count N, one SDK client (`QuorumQuestClient`, default timing: renewal every
+ttl/3, safety margin min(ttl/10, 1 s)) enters `client.leaderships()` with N locks of
+its own, so all N are kept alive by the SDK's one keep-alive loop with batched
+`KeepAliveMany` calls. Once all are held, the run is measured for --duration seconds,
+then the block exits and releases them.
+
+Measured, for the renewals planned inside the window:
+
+- renewal lag: from the planned renewal time (send time of the lease's last successful
+  renewal + the renewal interval) to the answer. The loop sends renewals due within
+  0.5 s of each other together, so a lag can be slightly negative.
+- spurious expirations: leases the service refused (not holder) while the client still
+  believed them valid. Nobody else asks for these locks, so every refusal is spurious.
+- expired in client: leases the SDK gave up because no renewal was answered in time.
+- failed calls: KeepAliveMany calls without a usable answer (retried within the lease).
+
+A count is *sustained* when the window had no spurious expiration, no lease expired in
+the client and every lease was still held at the end. --find-max multiplies the count by
+--factor after each sustained step until one is not (or --max-leases is reached) and
+reports the largest sustained count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import platform
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from benchmarks.targets import delete_keys, service_target
+from quorum_quest import Callbacks, Lease, QuorumQuestClient
+from quorum_quest.client.lease import EXPIRED, RELEASED
+from quorum_quest.config.settings import LoggerSettings
+from quorum_quest.errors import ServiceUnavailable
+from quorum_quest.telemetry.logging import configure_logging
+from tests.backends.redis import RedisProcess
+
+RESULTS_DIR = Path(__file__).parent / "results"
+RPC_TIMEOUT_S = 5.0  # the benchmark's own calls; the SDK's renewals use its defaults
+
+
+@dataclass
+class Step:
+    """What one lease count did, measured through the SDK's batched renewals."""
+
+    leases: int
+    window_start: float = math.inf  # time.monotonic() once every lease is held
+    lags: list[float] = field(default_factory=list)  # seconds, answer - planned
+    calls: int = 0
+    renewals: int = 0
+    failed_calls: int = 0
+    spurious: int = 0  # refused by the service while the client believed it valid
+    expired_in_client: int = 0  # ended by the SDK: no renewal answered in time
+    acquire_s: float = 0.0
+    release_s: float = 0.0
+    held_at_end: int = 0
+    # CPU seconds used in the window: this process (the SDK client), the service, Redis
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    def lost(self, lease: Lease) -> None:
+        """on_leader_lost: count the losses that are not releases at the end."""
+        if lease.end_reason == RELEASED:
+            return
+        if lease.end_reason == EXPIRED:
+            self.expired_in_client += 1
+        else:
+            self.spurious += 1
+
+    @property
+    def sustained(self) -> bool:
+        return not self.spurious and not self.expired_in_client and self.held_at_end == self.leases
+
+
+class TimedClient(QuorumQuestClient):
+    """The SDK client with each batched renewal timed: the keeper's one call per batch."""
+
+    def __init__(self, *args: Any, step: Step, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step = step
+
+    async def _renew_many(
+        self, leases: Sequence[Lease], timeout: float
+    ) -> list[tuple[float, int] | None]:
+        # A lease's deadline is (send time of its last successful renewal) + ttl - margin.
+        planned = [
+            lease._deadline - lease.ttl + self.safety_margin + self.keep_alive_interval
+            for lease in leases
+        ]
+        try:
+            answers = await super()._renew_many(leases, timeout)
+        except ServiceUnavailable:
+            self.step.failed_calls += 1
+            raise
+        answered = time.monotonic()
+        step = self.step
+        step.calls += 1
+        for due in planned:
+            if due >= step.window_start:
+                step.lags.append(answered - due)
+                step.renewals += 1
+        return answers
+
+
+async def run_step(address: str, count: int, ttl: float, duration: float) -> Step:
+    step = Step(count)
+    service = f"qq-many-{uuid.uuid4().hex[:8]}"
+    client = TimedClient(service, "unused", ttl, address, step=step)
+    callbacks = Callbacks(on_leader_lost=step.lost)
+    async with client:
+        started = time.monotonic()
+        async with client.leaderships(
+            [f"shard-{n}" for n in range(count)], callbacks=callbacks
+        ) as leases:
+            step.acquire_s = time.monotonic() - started
+            if len(leases) != count:
+                print(f"only {len(leases)} of {count} leases were granted", file=sys.stderr)
+            step.window_start = time.monotonic()
+            cpu_before = cpu_seconds()
+            await asyncio.sleep(duration)
+            cpu_after = cpu_seconds()
+            step.held_at_end = len(leases)
+            step.window_start = math.inf  # renewals after the window are not counted
+            step.cpu_s = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
+            releasing = time.monotonic()
+        step.release_s = time.monotonic() - releasing
+    return step
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process and of its children, by role.
+
+    The service and redis-server are this process's children; Linux only (`/proc`),
+    elsewhere just this process.
+    """
+    used = {"client": time.process_time()}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for children in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            role = "redis" if b"redis-server" in command else "service"
+            if b"quorum" in command or role == "redis":
+                used[role] = used.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
+def counts_after(first: list[int], factor: float, limit: int) -> list[int]:
+    return first + [
+        math.ceil(first[-1] * factor**k) for k in range(1, 64) if first[-1] * factor**k <= limit
+    ]
+
+
+async def run_all(args: argparse.Namespace, redis_url: str) -> list[Step]:
+    key_prefix = f"qq-bench-many-{uuid.uuid4().hex[:8]}"
+    steps: list[Step] = []
+    store = {"url": redis_url, "key_prefix": key_prefix}
+    try:
+        async with service_target("many-leases", "redis", store, RPC_TIMEOUT_S) as target:
+            address = target.address
+            plan = (
+                counts_after(args.leases, args.factor, args.max_leases)
+                if args.find_max
+                else args.leases
+            )
+            for count in plan:
+                step = await run_step(address, count, args.ttl, args.duration)
+                steps.append(step)
+                print(progress_line(step), file=sys.stderr, flush=True)
+                if args.find_max and not step.sustained:
+                    break
+    finally:
+        await delete_keys(redis_url, key_prefix)
+    return steps
+
+
+# -- output ----------------------------------------------------------------------------
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    """Nearest-rank percentile of `values` (sorted in place)."""
+    if not values:
+        return None
+    values.sort()
+    return values[max(0, math.ceil(share * len(values)) - 1)]
+
+
+def summary(step: Step, duration: float, interval: float) -> dict[str, Any]:
+    lags = step.lags
+    p50, p99 = percentile(lags, 0.50), percentile(lags, 0.99)
+    return {
+        "leases": step.leases,
+        "sustained": step.sustained,
+        "held_at_end": step.held_at_end,
+        "spurious_expirations": step.spurious,
+        "expired_in_client": step.expired_in_client,
+        "failed_calls": step.failed_calls,
+        "renewals": step.renewals,
+        "renewals_per_s": step.renewals / duration,
+        # 1.0 when every lease was renewed every interval; below, renewals ran late
+        "renewals_of_planned": step.renewals / duration / (step.leases / interval),
+        "calls": step.calls,
+        "locks_per_call": step.renewals / step.calls if step.calls else 0.0,
+        "lag_ms": {
+            "min": min(lags) * 1000 if lags else None,
+            "p50": p50 * 1000 if p50 is not None else None,
+            "p99": p99 * 1000 if p99 is not None else None,
+            "max": max(lags) * 1000 if lags else None,
+        },
+        "acquire_s": step.acquire_s,
+        "release_s": step.release_s,
+        "cpu_s": step.cpu_s,
+        "cpu_share": {name: used / duration for name, used in step.cpu_s.items()},
+    }
+
+
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def progress_line(step: Step) -> str:
+    lags = sorted(step.lags)
+    p99 = percentile(lags, 0.99)
+    return (
+        f"{step.leases:>7} leases: {step.renewals} renewals, p99 lag "
+        f"{ms(p99 * 1000 if p99 is not None else None)} ms, {step.spurious} spurious, "
+        f"{step.expired_in_client} expired in client, held {step.held_at_end} at the end"
+    )
+
+
+COLUMNS = (
+    "leases",
+    "renewals/s",
+    "of planned",
+    "locks/call",
+    "lag p50 / p99 / max ms",
+    "spurious expirations",
+    "expired in client",
+    "failed calls",
+    "held at end",
+    "acquire s",
+    "CPU client / service / redis",
+)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for row in rows:
+        lag = row["lag_ms"]
+        cells = (
+            str(row["leases"]),
+            f"{row['renewals_per_s']:.0f}",
+            f"{row['renewals_of_planned']:.2f}",
+            f"{row['locks_per_call']:.0f}",
+            f"{ms(lag['p50'])} / {ms(lag['p99'])} / {ms(lag['max'])}",
+            str(row["spurious_expirations"]),
+            str(row["expired_in_client"]),
+            str(row["failed_calls"]),
+            str(row["held_at_end"]),
+            f"{row['acquire_s']:.1f}",
+            " / ".join(
+                f"{row['cpu_share'].get(name, 0.0):.0%}" for name in ("client", "service", "redis")
+            ),
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    sustained = [row["leases"] for row in rows if row["sustained"]]
+    lines.append(
+        "\nOf planned: renewals/s ÷ (leases ÷ renewal interval); below 1 the renewals ran "
+        "late (still inside the lease when nothing expired). CPU: share of one core used in "
+        "the measured window, by process."
+    )
+    lines.append(
+        "\nLargest count sustained (no spurious expiration, none expired in the client, "
+        f"all held at the end): {max(sustained) if sustained else 'none'}"
+    )
+    return "\n".join(lines)
+
+
+def lag_chart(rows: list[dict[str, Any]], steps: list[Step]):
+    def draw(figure: Any) -> None:
+        axes = figure.subplots()
+        for step in steps:
+            lags = sorted(lag * 1000 for lag in step.lags)
+            if lags:
+                shares = [(index + 1) / len(lags) for index in range(len(lags))]
+                axes.plot(lags, shares, label=f"{step.leases} leases")
+        axes.set_xlabel("renewal lag, ms (answer - planned renewal time)")
+        axes.set_ylabel("share of renewals")
+        axes.set_title("KeepAliveMany through the SDK, Redis store: lag distribution")
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+
+    return draw
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def counts(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("expected positive integers such as 1000,10000")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.many_leases", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--leases", type=counts, default=[50_000], help="lease counts to run")
+    parser.add_argument("--ttl", type=float, default=15.0, help="lease length, seconds")
+    parser.add_argument(
+        "--duration", type=float, default=45.0, help="measured seconds per count, all held"
+    )
+    parser.add_argument(
+        "--find-max",
+        action="store_true",
+        help="from the first count, multiply by --factor until a count is not sustained",
+    )
+    parser.add_argument("--factor", type=float, default=2.0)
+    parser.add_argument("--max-leases", type=int, default=400_000)
+    parser.add_argument("--redis-url", default=None, help="a Redis on 127.0.0.1 to use")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if args.ttl <= 0 or args.duration <= 0 or args.factor <= 1:
+        parser.error("--ttl and --duration must be positive, --factor above 1")
+    if args.redis_url and "127.0.0.1" not in args.redis_url and "localhost" not in args.redis_url:
+        parser.error("only a Redis on 127.0.0.1 is allowed")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(LoggerSettings(level="WARNING"))
+    started = datetime.now(UTC)
+    if args.redis_url:
+        steps = asyncio.run(run_all(args, args.redis_url))
+    else:
+        with RedisProcess() as redis_server:
+            steps = asyncio.run(run_all(args, redis_server.url))
+    # The SDK's default renewal interval, which the client uses.
+    rows = [summary(step, args.duration, args.ttl / 3) for step in steps]
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["uv run python -m benchmarks.many_leases", *given])
+    text = "\n".join(
+        [
+            f"`{command}`\n",
+            f"ttl {args.ttl:g} s (renewal every {args.ttl / 3:g} s), {args.duration:g} s "
+            f"measured per count; one SDK client, the service in its own process on the "
+            f"Redis store, {os.cpu_count()} CPUs shared by the client, the service and "
+            "redis-server.\n",
+            table(rows),
+        ]
+    )
+    print("\n" + text)
+    document = {
+        "started": started.isoformat(),
+        "command": command,
+        "settings": {"ttl": args.ttl, "duration": args.duration, "find_max": args.find_max},
+        "environment": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "grpcio": version("grpcio"),
+            "redis-py": version("redis"),
+        },
+        "results": rows,
+    }
+    from benchmarks.report import save
+
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    for path in save(
+        args.results_dir, f"{stamp}-many-leases", document, text, lag_chart(rows, steps)
+    ):
+        print(f"wrote {path}", file=sys.stderr)
+    # --find-max ends on a count that is not sustained by design.
+    ok = any if args.find_max else all
+    return 0 if ok(row["sustained"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

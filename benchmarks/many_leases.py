@@ -46,6 +46,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from benchmarks.run import counts
 from benchmarks.targets import delete_keys, service_target
 from quorum_quest import Callbacks, Lease, QuorumQuestClient
 from quorum_quest.client.lease import EXPIRED, RELEASED
@@ -315,16 +316,6 @@ def lag_chart(rows: list[dict[str, Any]], steps: list[Step]):
 
 
 # -- command line ----------------------------------------------------------------------
-
-
-def counts(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("expected positive integers such as 1000,10000")
-    return values
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

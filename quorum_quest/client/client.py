@@ -231,7 +231,7 @@ class QuorumQuestClient:
             # The service still holds a lease this client tried to release without an
             # answer. Never resume it as a new leadership: release it for sure, then
             # acquire afresh, so each grant this client acts on has a larger token.
-            await self._release(service, domain)
+            await self._release(service, domain, response.fencing_token)
             del self._abandoned[service, domain]
             sent_at = time.monotonic()
             response = await self._acquire(service, domain)
@@ -340,7 +340,7 @@ class QuorumQuestClient:
     async def _release_lease(self, service: str, domain: str, lease: Lease | None) -> bool:
         """Release (service, domain); remember `lease` as abandoned if that got no answer."""
         try:
-            released = await self._release(service, domain)
+            released = await self._release(service, domain, lease.fencing_token if lease else 0)
         except (ServiceUnavailable, InvalidArgument):
             if lease is not None:
                 self._abandoned[service, domain] = lease.fencing_token
@@ -349,10 +349,13 @@ class QuorumQuestClient:
             del self._abandoned[service, domain]
         return released
 
-    async def _release(self, service: str, domain: str) -> bool:
+    async def _release(self, service: str, domain: str, token: int = 0) -> bool:
+        """Release (service, domain); only the lease with fencing token `token`, when > 0."""
         response = await self._call(
             self.stub.release_lock,
-            pb.ReleaseLockRequest(service=service, domain=domain, client_id=self.client_id),
+            pb.ReleaseLockRequest(
+                service=service, domain=domain, client_id=self.client_id, fencing_token=token
+            ),
         )
         return response.released
 

@@ -266,7 +266,7 @@ class LeaderElectionServicer:
     ) -> tuple[pb.ReleaseLockResponse, str]:
         key = _lock_key(request)
         client_id = _name("client_id", request.client_id)
-        released = await snapshot.store.release(key, client_id)
+        released = await snapshot.store.release(key, client_id, request.fencing_token)
         if not released:
             return pb.ReleaseLockResponse(released=False), NOT_HOLDER
         self._runtime.leases.ended(key)

@@ -132,8 +132,9 @@ class LockStore(ABC):
         return renewals
 
     @abstractmethod
-    async def release(self, key: LockKey, client_id: str) -> bool:
-        """Delete the caller's lease; True if this call deleted it."""
+    async def release(self, key: LockKey, client_id: str, token: int = 0) -> bool:
+        """Delete the caller's lease (only the one with fencing token `token`, when > 0);
+        True if this call deleted it."""
 
     @abstractmethod
     async def get_leader(self, key: LockKey) -> Holder | None:

@@ -569,14 +569,16 @@ class DynamoStore(LockStore):
     async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
         return await self._extend(lock_item_key(key), client_id, ttl_ms, self._deadline())
 
-    async def release(self, key: LockKey, client_id: str) -> bool:
+    async def release(self, key: LockKey, client_id: str, token: int = 0) -> bool:
+        condition = _RELEASE_IF
+        values = {":client": {"S": client_id}, ":now": {"N": str(_now_ms())}}
+        names = {"#holder": HOLDER, "#expires": EXPIRES_AT}
+        if token:
+            condition += " AND #token = :token"
+            values[":token"] = {"N": str(token)}
+            names["#token"] = TOKEN
         released, _ = await self._update(
-            self._deadline(),
-            lock_item_key(key),
-            _RELEASE,
-            _RELEASE_IF,
-            {":client": {"S": client_id}, ":now": {"N": str(_now_ms())}},
-            names={"#holder": HOLDER, "#expires": EXPIRES_AT},
+            self._deadline(), lock_item_key(key), _RELEASE, condition, values, names=names
         )
         return released
 

@@ -93,9 +93,9 @@ class MemoryStore(LockStore):
         lease.deadline = now + ttl_ms / 1000
         return Renewal(True, lease.token)
 
-    async def release(self, key: LockKey, client_id: str) -> bool:
+    async def release(self, key: LockKey, client_id: str, token: int = 0) -> bool:
         lease = self._live(key, time.monotonic())
-        if lease is None or lease.holder != client_id:
+        if lease is None or lease.holder != client_id or token not in (0, lease.token):
             return False
         del self._leases[key]
         return True

@@ -72,9 +72,10 @@ end
 return 0
 """
 
-# KEYS[1] lock hash; ARGV[1] client_id. -> 1 if deleted
+# KEYS[1] lock hash; ARGV[1] client_id, ARGV[2] token or '0' for any. -> 1 if deleted
 _RELEASE = """
-if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then
+local lease = redis.call('HMGET', KEYS[1], 'holder', 'token')
+if lease[1] == ARGV[1] and (ARGV[2] == '0' or lease[2] == ARGV[2]) then
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -223,8 +224,9 @@ class RedisStore(LockStore):
         tokens = await self._run_each(self._keep_alive, locks, [client_id, ttl_ms])
         return [Renewal(token > 0, int(token)) for token in tokens]
 
-    async def release(self, key: LockKey, client_id: str) -> bool:
-        return bool(await self._run(self._release, [self._lock_key(key)], [client_id]))
+    async def release(self, key: LockKey, client_id: str, token: int = 0) -> bool:
+        keys, args = [self._lock_key(key)], [client_id, str(token)]
+        return bool(await self._run(self._release, keys, args))
 
     async def get_leader(self, key: LockKey) -> Holder | None:
         lease = await self._run(self._get_leader, [self._lock_key(key)], [])

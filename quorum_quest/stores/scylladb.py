@@ -22,7 +22,8 @@ that moment; no write ever depends on an earlier plain read:
     refresh  UPDATE SET expires_at
              IF holder = <me> AND fencing_token = <seen> AND expires_at > <now>
     extend   UPDATE SET expires_at IF holder = <me> AND expires_at > <now>
-    release  DELETE holder, expires_at IF holder = <me> AND expires_at > <now>
+    release  DELETE holder, expires_at IF holder = <me> [AND fencing_token = <token>]
+             AND expires_at > <now>
 
 `acquire` sends `create`: it grants a lock never used before, and otherwise answers with
 the whole row. A live lease of someone else is a refusal; the caller's own live lease
@@ -108,6 +109,9 @@ _STATEMENTS = {
     "release": "DELETE holder, expires_at FROM {table} "
     + _KEY
     + " IF holder = ? AND expires_at > ?",
+    "release_token": "DELETE holder, expires_at FROM {table} "
+    + _KEY
+    + " IF holder = ? AND fencing_token = ? AND expires_at > ?",
     "read": "SELECT holder, expires_at, fencing_token FROM {table} " + _KEY,
     "ping": "SELECT release_version FROM system.local",
 }
@@ -535,10 +539,13 @@ class ScyllaStore(LockStore):
             return Renewal(False)
         return Renewal(True, row.token)
 
-    async def release(self, key: LockKey, client_id: str) -> bool:
-        applied, _ = await self._lwt(
-            "release", "release", [key.service, key.domain, client_id, _now_ms()]
-        )
+    async def release(self, key: LockKey, client_id: str, token: int = 0) -> bool:
+        if token:
+            values = [key.service, key.domain, client_id, token, _now_ms()]
+            applied, _ = await self._lwt("release", "release_token", values)
+        else:
+            values = [key.service, key.domain, client_id, _now_ms()]
+            applied, _ = await self._lwt("release", "release", values)
         return applied
 
     async def get_leader(self, key: LockKey) -> Holder | None:

@@ -113,6 +113,19 @@ async def test_release_by_non_holder_changes_nothing(store: LockStore) -> None:
     assert holder is not None and (holder.client_id, holder.token) == ("alice", granted.token)
 
 
+async def test_release_naming_another_token_changes_nothing(store: LockStore) -> None:
+    """A release that arrives late, for an older lease of the same client, frees nothing."""
+    key = fresh_key()
+    old = await store.acquire(key, "alice", LONG_MS)
+    assert await store.release(key, "alice", old.token)
+    new = await store.acquire(key, "alice", LONG_MS)
+    assert new.token > old.token
+    assert await store.release(key, "alice", old.token) is False
+    holder = await store.get_leader(key)
+    assert holder is not None and holder.token == new.token
+    assert await store.release(key, "alice", new.token) is True
+
+
 async def test_release_is_idempotent(store: LockStore) -> None:
     key = fresh_key()
     await store.acquire(key, "alice", LONG_MS)

@@ -238,3 +238,20 @@ async def test_shutdown_refuses_new_calls_and_finishes_in_flight_ones(
         )
     assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     await chan.close()
+
+
+async def test_release_with_a_stale_token_is_refused(stub: LeaderElectionStub) -> None:
+    request = acquire_request()
+    granted = await stub.try_acquire_lock(request)
+    lock = {"service": "svc", "domain": request.domain, "client_id": "alice"}
+    stale = await stub.release_lock(
+        pb.ReleaseLockRequest(fencing_token=granted.fencing_token - 1, **lock)
+    )
+    assert not stale.released
+    assert (
+        await stub.get_leader(pb.GetLeaderRequest(service="svc", domain=request.domain))
+    ).has_leader
+    current = await stub.release_lock(
+        pb.ReleaseLockRequest(fencing_token=granted.fencing_token, **lock)
+    )
+    assert current.released

@@ -88,20 +88,18 @@ def _lock_operation(
                     telemetry.count(operation, result, backend, started)
                 else:
                     for each, times in result.items():
-                        for _ in range(times):
-                            telemetry.count(operation, each, backend, started)
+                        if times:
+                            telemetry.count(operation, each, backend, started, times)
                 return response
             except InvalidArgument as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except StoreUnavailable as exc:
                 telemetry.store_error(operation, backend)
-                for _ in range(locks(request)):
-                    telemetry.count(operation, ERROR, backend, started)
+                telemetry.count(operation, ERROR, backend, started, locks(request))
                 logger.warning("store call failed: {}", exc)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             except TimeoutError:
-                for _ in range(locks(request)):
-                    telemetry.count(operation, ERROR, backend, started)
+                telemetry.count(operation, ERROR, backend, started, locks(request))
                 await context.abort(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     "the deadline passed before the store answered",

@@ -145,14 +145,17 @@ class Telemetry:
 
     # -- per call ---------------------------------------------------------------------
 
-    def count(self, operation: str, result: str, backend: str, started: float) -> None:
-        """Record one finished lock operation that began at `started` (perf_counter).
+    def count(
+        self, operation: str, result: str, backend: str, started: float, locks: int = 1
+    ) -> None:
+        """Record a finished call that began at `started` (perf_counter) and ended
+        `locks` lock operations (a batch counts each lock, its latency once).
 
         Every call is counted; the latency of one call in `LATENCY_SAMPLE_EVERY` is
         recorded, since a histogram record costs about as much as the rest of the
         bookkeeping together and a sample shows the same distribution.
         """
-        self._operations[operation, result, backend] += 1
+        self._operations[operation, result, backend] += locks
         if self.metrics:
             self._calls += 1
             if self._calls % LATENCY_SAMPLE_EVERY == 0:

@@ -79,8 +79,7 @@ listen_address: 127.0.0.1
 rpc_address: 127.0.0.1
 storage_port: {storage_port}
 native_transport_port: {cql_port}
-commitlog_sync: periodic
-commitlog_sync_period: 10s
+{commitlog_sync}
 auto_snapshot: false
 hinted_handoff_enabled: false
 concurrent_reads: 4
@@ -92,6 +91,13 @@ cas_contention_timeout: 5000ms
 write_request_timeout: 5000ms
 read_request_timeout: 5000ms
 """
+
+# Periodic sync replays nothing written after the last sync (every 10 s) when the node is
+# killed; batch sync acknowledges a write only once the commit log is synced.
+_COMMITLOG_SYNC = {
+    False: "commitlog_sync: periodic\ncommitlog_sync_period: 10s",
+    True: "commitlog_sync: batch",
+}
 
 _LOGBACK_XML = """\
 <configuration>
@@ -136,11 +142,18 @@ def cql_answers(host: str, port: int, timeout: float = 1.0) -> bool:
 
 
 class CassandraProcess:
-    """One throw-away Apache Cassandra node on 127.0.0.1, its data in a temporary folder."""
+    """One throw-away Apache Cassandra node on 127.0.0.1, its data in a temporary folder.
 
-    def __init__(self, lib: Path | None = None, heap: str = "1G") -> None:
+    Only a `durable` node keeps all its data through `kill` and `restart`: it syncs the
+    commit log before acknowledging a write and flushes every schema change (a table
+    takes ~4x as long to create). Otherwise a kill loses the last 10 s of writes and the
+    tables created since the start (`cassandra.unsafesystem`).
+    """
+
+    def __init__(self, lib: Path | None = None, heap: str = "1G", durable: bool = False) -> None:
         self.lib = lib or cassandra_lib()
         self.heap = heap
+        self.durable = durable
         self.cql_port = free_port()
         self.storage_port = free_port()
         self.workdir = Path(tempfile.mkdtemp(prefix="qq-cassandra-"))
@@ -168,7 +181,11 @@ class CassandraProcess:
         for folder in (conf, tmp, self.log.parent):
             folder.mkdir(parents=True, exist_ok=True)
         (conf / "cassandra.yaml").write_text(
-            _CASSANDRA_YAML.format(storage_port=self.storage_port, cql_port=self.cql_port)
+            _CASSANDRA_YAML.format(
+                storage_port=self.storage_port,
+                cql_port=self.cql_port,
+                commitlog_sync=_COMMITLOG_SYNC[self.durable],
+            )
         )
         (conf / "logback.xml").write_text(_LOGBACK_XML.format(log=self.log))
         return [
@@ -194,7 +211,7 @@ class CassandraProcess:
             f"-Dlogback.configurationFile={conf / 'logback.xml'}",
             "-Dcassandra.skip_wait_for_gossip_to_settle=0",
             "-Dcassandra.ring_delay_ms=1000",
-            "-Dcassandra.unsafesystem=true",
+            *([] if self.durable else ["-Dcassandra.unsafesystem=true"]),
             "-cp",
             os.pathsep.join(str(jar) for jar in jars),
             "org.apache.cassandra.service.CassandraDaemon",
@@ -203,7 +220,7 @@ class CassandraProcess:
     def start(self, budget_s: float = START_BUDGET_S) -> CassandraProcess:
         command = self.command()
         started = time.monotonic()
-        with self.console.open("wb") as console:
+        with self.console.open("ab") as console:
             self.process = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
@@ -228,7 +245,7 @@ class CassandraProcess:
         tail = "\n".join(
             (self._read(self.log).splitlines() + self._read(self.console).splitlines())[-25:]
         )
-        self.stop()
+        self.kill()
         raise RuntimeError(f"Apache Cassandra {what} (logs in {self.workdir}):\n{tail}")
 
     @staticmethod
@@ -238,18 +255,28 @@ class CassandraProcess:
         except OSError:
             return ""
 
-    def stop(self) -> None:
-        # Killed, not drained: its data is thrown away, and a graceful stop takes ~15 s.
+    def kill(self) -> None:
+        """SIGKILL, not drained (a graceful stop takes ~15 s); its folder stays for `restart`."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
         self.process = None
 
+    def restart(self, budget_s: float = START_BUDGET_S) -> CassandraProcess:
+        """Kill if running, then start again on the same ports and folder.
+
+        A `durable` node comes back with every acknowledged write, from its commit log.
+        As at the first start, the node dies with the thread that starts it
+        (PR_SET_PDEATHSIG): restart it from a long-lived one, not a short-lived worker.
+        """
+        self.kill()
+        return self.start(budget_s)
+
     def __enter__(self) -> CassandraProcess:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        self.kill()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

@@ -133,7 +133,7 @@ class EmulatorProcess:
         return Endpoint(self.name, f"http://127.0.0.1:{self.port}")
 
     def start(self) -> EmulatorProcess:
-        with self.log.open("wb") as log:
+        with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 self.command,
                 stdin=subprocess.DEVNULL,
@@ -164,6 +164,18 @@ class EmulatorProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-2000:]
+
+    def kill(self) -> None:
+        """SIGKILL, and wait for it to be gone."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+    def restart(self) -> EmulatorProcess:
+        """Kill if running, then start again on the same port: in memory, its tables are gone."""
+        self.kill()
+        return self.start()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -46,7 +46,9 @@ def make_settings(backend: str, store: dict[str, Any], **overrides: Any) -> Sett
         "serverAddress": "127.0.0.1:0",
         "backend": {"type": backend},
         "store": store,
-        "server": {"healthInterval": 0.2, "shutdownGrace": 1},
+        # No state-loss grace period unless a test asks for one: every test starts
+        # its store fresh, and a grace period would refuse its first grants.
+        "server": {"healthInterval": 0.2, "shutdownGrace": 1, "stateLossGrace": 0},
     }
     for key, value in overrides.items():
         if isinstance(value, dict):

@@ -41,6 +41,8 @@ RENEW_CONCURRENCY = 4
 RENEW_COALESCE_S = 0.5
 # TryAcquireLock / ReleaseLock calls a LeaseSet has in flight at once.
 SET_CALL_CONCURRENCY = 64
+# How long one acquire may ask the service to wait for a release (TryAcquire wait_ms).
+WAIT_FOR_RELEASE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class QuorumQuestClient:
         self._stub: LeaderElectionStub | None = None
         self._lease: Lease | None = None
         self._holder_hint: timedelta | None = None  # what was left of the holder's lease
+        self._service_waited = False  # whether the service waited before its last refusal
         # (service, domain) -> token of a lease whose release got no answer
         self._abandoned: dict[tuple[str, str], int] = {}
         self._keep_alive_task: asyncio.Task[None] | None = None
@@ -191,10 +194,15 @@ class QuorumQuestClient:
 
     async def try_acquire_lock(self) -> bool:
         """Acquire the lock if free (or refresh ours); True when this client leads."""
-        response, sent_at = await self._grant(self.service, self.domain)
+        return await self._try_acquire(0.0)
+
+    async def _try_acquire(self, wait: float) -> bool:
+        """`try_acquire_lock`, letting the service wait up to `wait` s for a release."""
+        response, sent_at = await self._grant(self.service, self.domain, wait)
         if not response.is_leader:
             await self._drop_lease("another client holds the lock")
             self._holder_hint = response.lease_length
+            self._service_waited = bool(response.waited)
             return False
         granted = response.lease_length.total_seconds()
         lease = self._lease
@@ -223,10 +231,15 @@ class QuorumQuestClient:
             sent_at + granted - self.safety_margin,
         )
 
-    async def _grant(self, service: str, domain: str) -> tuple[pb.TryAcquireLockResponse, float]:
-        """Try to acquire (service, domain): the answer and its send time (monotonic)."""
+    async def _grant(
+        self, service: str, domain: str, wait: float = 0.0
+    ) -> tuple[pb.TryAcquireLockResponse, float]:
+        """Try to acquire (service, domain): the answer and the earliest time (monotonic)
+        its lease can have begun: the send time, plus what the service says it waited."""
         sent_at = time.monotonic()
-        response = await self._acquire(service, domain)
+        response = await self._acquire(service, domain, wait)
+        if response.waited:
+            sent_at += response.waited.total_seconds()
         if response.is_leader and response.fencing_token == self._abandoned.get((service, domain)):
             # The service still holds a lease this client tried to release without an
             # answer. Never resume it as a new leadership: release it for sure, then
@@ -237,7 +250,9 @@ class QuorumQuestClient:
             response = await self._acquire(service, domain)
         return response, sent_at
 
-    async def _acquire(self, service: str, domain: str) -> pb.TryAcquireLockResponse:
+    async def _acquire(
+        self, service: str, domain: str, wait: float = 0.0
+    ) -> pb.TryAcquireLockResponse:
         return await self._call(
             self.stub.try_acquire_lock,
             pb.TryAcquireLockRequest(
@@ -246,7 +261,9 @@ class QuorumQuestClient:
                 client_id=self.client_id,
                 ttl=max(1, math.ceil(self.ttl)),
                 ttl_ms=max(1, round(self.ttl * 1000)),
+                wait_ms=round(wait * 1000),
             ),
+            timeout=wait + self.rpc_timeout,
         )
 
     async def _renew(self, timeout: float) -> tuple[float, int] | None:
@@ -374,12 +391,14 @@ class QuorumQuestClient:
         with anyio.fail_after(timeout):
             while True:
                 try:
-                    if await self.try_acquire_lock():
+                    # The service answers as soon as the lock is released or its
+                    # holder's lease ends, or after WAIT_FOR_RELEASE_S.
+                    if await self._try_acquire(WAIT_FOR_RELEASE_S):
                         assert self._lease is not None
                         return self._lease
                     # Poll faster as the holder's lease nears its end, never busier than 50 ms.
                     hint = self._holder_hint.total_seconds() if self._holder_hint else delay
-                    pause = max(0.05, min(delay, hint))
+                    pause = 0.0 if self._service_waited else max(0.05, min(delay, hint))
                 except ServiceUnavailable as exc:
                     logger.warning("waiting for {}/{}: {}", self.service, self.domain, exc)
                     pause = delay

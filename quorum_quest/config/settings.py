@@ -68,11 +68,29 @@ class ObservabilitySettings(_Section):
 
 
 class ServerSettings(_Section):
-    maxTtl: float = Field(default=3600, gt=0, description="largest lease a caller may ask for, s")
+    maxTtl: float = Field(default=60, gt=0, description="largest lease a caller may ask for, s")
+    stateLossGrace: float | None = Field(
+        default=None,
+        ge=0,
+        description="seconds new grants are refused after lock state was lost; "
+        "'auto' (the default) = maxTtl, 0 = off",
+    )
     shutdownGrace: float = Field(default=10, ge=0, description="seconds in-flight calls get")
     healthInterval: float = Field(default=2, gt=0, description="seconds between store probes")
     workers: int = Field(default=1, gt=0, description="processes serving one port; 'auto' = cores")
     uvloop: bool = Field(default=True, description="run on uvloop where it is installed")
+
+    @field_validator("stateLossGrace", mode="before")
+    @classmethod
+    def _auto_grace(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return None
+        return value
+
+    @property
+    def state_loss_grace(self) -> float:
+        """The grace period in seconds: `stateLossGrace`, or `maxTtl` when it is 'auto'."""
+        return self.maxTtl if self.stateLossGrace is None else self.stateLossGrace
 
     @field_validator("workers", mode="before")
     @classmethod

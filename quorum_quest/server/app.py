@@ -21,7 +21,7 @@ from quorum_quest.api.google_proto_descriptor_pool import default_google_proto_d
 from quorum_quest.config.settings import Settings
 from quorum_quest.config.watch import watch_settings
 from quorum_quest.errors import ConfigError, StoreUnavailable
-from quorum_quest.server.runtime import LeaseBook, Runtime, Snapshot, create_store
+from quorum_quest.server.runtime import LeaseBook, Runtime, Snapshot, create_store, grace_ms
 from quorum_quest.server.servicer import LeaderElectionServicer
 from quorum_quest.stores import LockStore
 from quorum_quest.telemetry.logging import configure_logging
@@ -92,6 +92,7 @@ class LockServer:
             settings.observability,
             held_leases=lambda: len(self.runtime.leases),
             reloads=lambda: dict(self.runtime.reloads),
+            grace_left=lambda: self.runtime.grace_left_ms() / 1000,
             prometheus=self._prometheus,
         )
 
@@ -99,6 +100,7 @@ class LockServer:
         store = self.runtime.current.store
         await store.start()
         try:
+            self.runtime.note_grace(await store.check_state())
             self._server.add_generic_rpc_handlers(
                 (service_handler(LeaderElectionServicer(self.runtime)),)
             )
@@ -135,6 +137,7 @@ class LockServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.health.enter_graceful_shutdown()
+        self.runtime.releases.close()
         current = self.runtime.current
         await self._server.stop(current.settings.server.shutdownGrace)
         await current.store.close()
@@ -146,7 +149,11 @@ class LockServer:
             await self.health.set(name, status)
 
     async def _probe_store(self) -> None:
-        """Keep health SERVING exactly while the store in force answers its ping."""
+        """Keep health SERVING exactly while the store in force answers its ping.
+
+        Each probe also asks the store to look for a loss of its state, so a grace
+        period starts (and shows in GetStatus and metrics) without waiting for a call.
+        """
         runtime = self.runtime
         while True:
             interval = runtime.current.settings.server.healthInterval
@@ -154,6 +161,7 @@ class LockServer:
             try:
                 async with asyncio.timeout(interval):
                     await runtime.current.store.ping()
+                    runtime.note_grace(await runtime.current.store.check_state())
                 ok = True
             except (StoreUnavailable, TimeoutError) as exc:
                 ok = False
@@ -197,6 +205,7 @@ class LockServer:
                 await store.close()
                 self._reload_rejected(f"the new store cannot be used: {exc}")
                 return False
+        store.grace_ms = grace_ms(new)
         telemetry = old.telemetry
         if new.observability.otelEndpoint and not old.settings.observability.otelEndpoint:
             logger.warning(

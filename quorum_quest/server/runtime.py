@@ -34,7 +34,14 @@ class LeasePolicy:
 
 def create_store(settings: Settings) -> LockStore:
     """A new, not yet started store for the configured backend."""
-    return store_class(settings.backend.type)(settings.store_settings())
+    return store_class(settings.backend.type)(
+        settings.store_settings(), grace_ms=grace_ms(settings)
+    )
+
+
+def grace_ms(settings: Settings) -> int:
+    """The store's state-loss grace period in ms."""
+    return int(settings.server.state_loss_grace * 1000)
 
 
 @dataclass(eq=False)
@@ -91,13 +98,74 @@ class LeaseBook:
         return len(self._deadlines)
 
 
+class Releases:
+    """Wakes acquire calls waiting on a lock when it is released through this instance.
+
+    Only releases seen here wake waiters; a waiter also wakes when the holder's
+    lease is due to end or its own wait is over, and then asks the store again.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[LockKey, tuple[asyncio.Event, int]] = {}
+        self._closed = False
+
+    async def wait(self, key: LockKey, timeout: float) -> None:
+        """Return when `key` is released here, on `close()`, or after `timeout` s."""
+        if self._closed:
+            return
+        event, waiters = self._waiting.get(key, (None, 0))
+        if event is None:
+            event = asyncio.Event()
+        self._waiting[key] = (event, waiters + 1)
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            pass
+        finally:
+            current = self._waiting.get(key)
+            if current is not None and current[0] is event:
+                if current[1] == 1:
+                    del self._waiting[key]
+                else:
+                    self._waiting[key] = (event, current[1] - 1)
+
+    def released(self, key: LockKey) -> None:
+        waiting = self._waiting.pop(key, None)
+        if waiting is not None:
+            waiting[0].set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Wake every waiter and wait no more: the instance is shutting down."""
+        self._closed = True
+        for event, _ in self._waiting.values():
+            event.set()
+        self._waiting.clear()
+
+
 class Runtime:
     """The snapshot in force, plus what outlives any one snapshot."""
 
     def __init__(self, current: Snapshot, leases: LeaseBook, started: float) -> None:
         self.current = current
         self.leases = leases
+        self.releases = Releases()
         self.started = started
         self.reloads: Counter[str] = Counter()
         self.last_reload = ""
         self.store_reachable = True
+        self._grace_until = 0.0  # time.monotonic() seconds
+
+    def note_grace(self, left_ms: int) -> None:
+        """Record what the store says is left of its state-loss grace period."""
+        self._grace_until = time.monotonic() + left_ms / 1000 if left_ms > 0 else 0.0
+
+    def grace_left_ms(self) -> int:
+        """ms left of the store's grace period, as last reported (0: none)."""
+        if not self._grace_until:
+            return 0
+        return max(0, int((self._grace_until - time.monotonic()) * 1000))

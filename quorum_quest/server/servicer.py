@@ -8,6 +8,7 @@ one runtime snapshot and keeps it to the end.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import time
 from collections import Counter
@@ -22,10 +23,11 @@ from opentelemetry import trace
 from quorum_quest import __version__
 from quorum_quest._rpc import pb
 from quorum_quest.errors import InvalidArgument, StoreUnavailable
-from quorum_quest.stores.base import MAX_NAME_BYTES, LockKey
+from quorum_quest.stores.base import MAX_NAME_BYTES, Acquisition, LockKey
 from quorum_quest.telemetry.telemetry import (
     ACQUIRED,
     ERROR,
+    GRACE_PERIOD,
     HELD_BY_OTHER,
     NOT_HOLDER,
     RELEASED,
@@ -44,6 +46,18 @@ Handler = Callable[[Any, "Snapshot", Request], Awaitable[tuple[Response, Results
 Served = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
 
 NOT_HOLDER_LEASE = timedelta(seconds=-1)
+# The longest an acquire waits for a release (wait_ms), and how long before the
+# caller's deadline it stops waiting, to answer in time.
+MAX_WAIT_S = 60.0
+WAIT_DEADLINE_MARGIN_S = 0.05
+# A waiter tries again this long after the holder's lease is due to end, and
+# never sooner than MIN_RETRY_S after its last try.
+EXPIRY_SLACK_S = 0.002
+MIN_RETRY_S = 0.01
+# The loop time at which the current call's deadline passes (None: no deadline).
+_call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "call_deadline", default=None
+)
 # The most locks one KeepAliveMany may name; more is INVALID_ARGUMENT.
 MAX_BATCH_LOCKS = 10_000
 # A refused batch logs one line naming at most this many of the locks.
@@ -69,9 +83,12 @@ def _lock_operation(
             telemetry = snapshot.telemetry
             backend = snapshot.store.backend
             started = time.perf_counter()
+            remaining = context.time_remaining()
+            loop = asyncio.get_running_loop()
+            _call_deadline.set(None if remaining is None else loop.time() + remaining)
             snapshot.enter()
             try:
-                async with asyncio.timeout(context.time_remaining()):
+                async with asyncio.timeout(remaining):
                     # A store span only inside a sampled (recording) server span.
                     if telemetry.tracing and trace.get_current_span().is_recording():
                         attributes = {
@@ -179,11 +196,25 @@ class LeaderElectionServicer:
         client_id = _name("client_id", request.client_id)
         ttl_ms = _ttl_ms(snapshot, request)
         result = await snapshot.store.acquire(key, client_id, ttl_ms)
+        waited = 0.0
+        if request.wait_ms and not result.acquired and not result.grace:
+            result, waited = await self._acquire_after_release(
+                snapshot, key, client_id, ttl_ms, result, request.wait_ms
+            )
+        if result.grace:
+            # No holder can be trusted until the grace period ends: leader_id stays
+            # empty and lease_length says when to ask again.
+            self._runtime.note_grace(result.ttl_ms)
+            response = pb.TryAcquireLockResponse(
+                is_leader=False, lease_length=timedelta(milliseconds=result.ttl_ms)
+            )
+            return response, GRACE_PERIOD
         if not result.acquired:
             response = pb.TryAcquireLockResponse(
                 is_leader=False,
                 leader_id=result.holder,
                 lease_length=timedelta(milliseconds=result.ttl_ms),
+                waited=timedelta(seconds=waited),
             )
             return response, HELD_BY_OTHER
         self._runtime.leases.granted(key, result.ttl_ms)
@@ -201,8 +232,40 @@ class LeaderElectionServicer:
             fencing_token=result.token,
             lease_length=timedelta(milliseconds=result.ttl_ms),
             leader_id=client_id,
+            waited=timedelta(seconds=waited),
         )
         return response, RENEWED if result.refreshed else ACQUIRED
+
+    async def _acquire_after_release(
+        self,
+        snapshot: Snapshot,
+        key: LockKey,
+        client_id: str,
+        ttl_ms: int,
+        refused: Acquisition,
+        wait_ms: int,
+    ) -> tuple[Acquisition, float]:
+        """Wait for `key` to be released here or its holder's lease to end, then try again.
+
+        Returns the last answer and how long was waited before the attempt that gave it,
+        which the caller adds to its send time: the lease cannot have begun earlier.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stop = started + min(wait_ms / 1000, MAX_WAIT_S)
+        deadline = _call_deadline.get()
+        if deadline is not None:
+            stop = min(stop, deadline - WAIT_DEADLINE_MARGIN_S)
+        releases = self._runtime.releases
+        result, waited = refused, 0.0
+        while (now := loop.time()) < stop and not releases.closed:
+            holder_left = max(result.ttl_ms / 1000, MIN_RETRY_S) + EXPIRY_SLACK_S
+            await releases.wait(key, min(stop - now, holder_left))
+            waited = loop.time() - started
+            result = await snapshot.store.acquire(key, client_id, ttl_ms)
+            if result.acquired or result.grace:
+                break
+        return result, waited
 
     @_lock_operation("keep_alive")
     async def keep_alive(
@@ -268,6 +331,7 @@ class LeaderElectionServicer:
         if not released:
             return pb.ReleaseLockResponse(released=False), NOT_HOLDER
         self._runtime.leases.ended(key)
+        self._runtime.releases.released(key)
         logger.info(
             "lock released: service={} domain={} client_id={}", key.service, key.domain, client_id
         )
@@ -277,7 +341,15 @@ class LeaderElectionServicer:
     async def get_leader(
         self, snapshot: Snapshot, request: pb.GetLeaderRequest
     ) -> tuple[pb.GetLeaderResponse, str]:
-        holder = await snapshot.store.get_leader(_lock_key(request))
+        key = _lock_key(request)
+        grace_ms = await snapshot.store.check_state()
+        self._runtime.note_grace(grace_ms)
+        if grace_ms:
+            response = pb.GetLeaderResponse(
+                has_leader=False, grace_remaining=timedelta(milliseconds=grace_ms)
+            )
+            return response, GRACE_PERIOD
+        holder = await snapshot.store.get_leader(key)
         if holder is None:
             return pb.GetLeaderResponse(has_leader=False), "free"
         response = pb.GetLeaderResponse(
@@ -299,4 +371,5 @@ class LeaderElectionServicer:
             held_leases=len(runtime.leases),
             last_reload=runtime.last_reload,
             store_reachable=runtime.store_reachable,
+            grace_remaining=timedelta(milliseconds=runtime.grace_left_ms()),
         )

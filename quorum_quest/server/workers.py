@@ -63,6 +63,8 @@ def supervise(argv: list[str], workers: int, grace: float) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-    if stopping and all(child.returncode == 0 for child in children):
+    # A worker still starting when the signal came dies of it before it could
+    # install its handler: it had nothing to finish, so it stopped as asked.
+    if stopping and all(child.returncode in (0, -stopping[0]) for child in children):
         return 0
     return 1

@@ -6,6 +6,16 @@ never both grant the same lock. `keep_alive_many` renews each lock of a batch as
 `keep_alive` would, each renewal atomic on its own; a backend that can renew a batch
 in one round trip overrides it. Stores raise `StoreUnavailable` when the backend
 cannot answer; they never turn a failure into "held by someone else".
+
+State loss. When a store finds that the lock state it relies on was lost (the
+embedded store's process started; Redis restarted without its data or failed over
+to a replica; a table was recreated), a lock could be granted again while its last
+holder still believes it leads. So the store starts a *grace period* of `grace_ms`
+(at least the longest lease the service grants) during which it refuses every new
+grant, refresh and renewal, and answers `acquire` with `Acquisition(grace=True)`.
+Where several service instances share a backend the grace period is recorded in
+the backend, so all of them refuse alike. With `grace_ms == 0` the loss is still
+detected and logged, but nothing is refused.
 """
 
 from __future__ import annotations
@@ -38,7 +48,8 @@ class Acquisition:
     When `acquired`, `token` is the caller's fencing token and `ttl_ms` its lease;
     `refreshed` tells that the caller already held the lock (same token). Otherwise
     `holder` is the current holder ("" if unknown), `token` its token (0 if unknown)
-    and `ttl_ms` what is left of its lease.
+    and `ttl_ms` what is left of its lease. `grace` tells that the store refused
+    because it is in its state-loss grace period; `ttl_ms` is then what is left of it.
     """
 
     acquired: bool
@@ -46,6 +57,7 @@ class Acquisition:
     token: int
     ttl_ms: int
     refreshed: bool = False
+    grace: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +96,11 @@ class LockStore(ABC):
     #: The model that validates this backend's `store:` section.
     settings_model: ClassVar[type[StoreSettings]] = StoreSettings
 
-    def __init__(self, settings: StoreSettings) -> None:
+    def __init__(self, settings: StoreSettings, *, grace_ms: int = 0) -> None:
         self.settings = settings
+        #: How long new grants are refused after a detected loss of the lock state.
+        #: The service may change it on a reload; it applies from the next detection.
+        self.grace_ms = grace_ms
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect and prepare the backend; raise `StoreUnavailable` if it cannot be reached."""
@@ -96,6 +111,15 @@ class LockStore(ABC):
     @abstractmethod
     async def ping(self) -> None:
         """Return when the backend answers; raise `StoreUnavailable` otherwise."""
+
+    @abstractmethod
+    async def check_state(self) -> int:
+        """Detect a loss of the lock state; return the ms left of the grace period (0: none).
+
+        Called by `start()` and then periodically by the service, so a loss is found
+        even when no lock is asked for. A loss found here or inside an operation is
+        logged once, at WARNING, by the store that found it.
+        """
 
     @abstractmethod
     async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:

@@ -14,8 +14,9 @@ The writes (each a single `UpdateItem`; a failed `ConditionExpression` is the no
 
     grant    SET holder = :client, expires_at = :expires,
                  token = if_not_exists(token, :seed) + :one
-             IF attribute_not_exists(holder) OR expires_at <= :stale
-                OR (holder = :client AND expires_at <= :now)
+             IF attribute_exists(token) AND (attribute_not_exists(holder)
+                OR expires_at <= :stale OR (holder = :client AND expires_at <= :now))
+    first    the grant without `attribute_exists(token) AND`
     extend   SET expires_at = :expires
              IF holder = :client AND expires_at > :now
     release  REMOVE holder, expires_at
@@ -24,7 +25,9 @@ The writes (each a single `UpdateItem`; a failed `ConditionExpression` is the no
 `acquire` sends the grant; when its condition fails the answer carries the old item
 (`ReturnValuesOnConditionCheckFailure=ALL_OLD`), which names the holder. Only when that
 holder is the caller itself, with a live lease, does `acquire` send a second write, the
-extend, so the caller keeps its token. No write depends on a read: whatever happened in
+extend, so the caller keeps its token. When the answer carries no item, there is none:
+the lock's first grant, or a table that lost its items; `acquire` then checks the state
+marker (below) and sends `first`. No write depends on a read: whatever happened in
 between, each condition is judged by DynamoDB on the item as it is at that moment.
 
 The clock: DynamoDB conditions have no server clock, so `:now` is this service
@@ -45,14 +48,31 @@ take the counter with it. An expired lease needs no deletion either, since the
 conditions compare `expires_at` with the clock. Native TTL is enabled on the dedicated
 attribute `purge_at` (epoch seconds) for the store's own short-lived items: the
 write probe (`pk` "probe:write") that `start()` writes to prove the table accepts writes.
+
+State loss. The table holds one more item that is not a lock, the state marker
+(`pk` "state:marker", which no "lock:" key can be): `grace_until` (wall-clock ms until
+which grants are refused), `created_at` (ms) and `created_by` (the instance). It never
+carries `purge_at`, and it shares the lock items' fate: a recreated or emptied table
+loses it too. `check_state()` reads it (ConsistentRead); when it is missing, it is
+created by a conditional write (`attribute_not_exists(pk)`: one instance wins and logs
+the loss) with grace_until = now + `grace_ms`. Every first grant checks it the same way
+first (first grants arriving together share one check), so a recreated table is caught
+by the first acquire. The grace period is cached as a monotonic deadline: while it
+lasts, `acquire` and `keep_alive` refuse without a request. A table that disappears
+while the store runs (deleted, or an emulator restarted in memory) is created again in
+the background when `create_table` is on; calls are unavailable until it is ACTIVE,
+and then its missing marker starts the grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
+import os
 import random
 import re
+import socket
 import time
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
@@ -91,13 +111,19 @@ EXPIRES_AT = "expires_at"
 TOKEN = "token"
 PURGE_AT = "purge_at"  # the table's native TTL attribute, never on a lock item
 WRITE_PROBE_KEY = "probe:write"
+STATE_MARKER_KEY = "state:marker"
+GRACE_UNTIL = "grace_until"
+CREATED_AT = "created_at"
+CREATED_BY = "created_by"
 
 _NAMES = {"#holder": HOLDER, "#expires": EXPIRES_AT, "#token": TOKEN}
 _GRANT = "SET #holder = :client, #expires = :expires, #token = if_not_exists(#token, :seed) + :one"
-_GRANT_IF = (
+_FIRST_GRANT_IF = (
     "attribute_not_exists(#holder) OR #expires <= :stale"
     " OR (#holder = :client AND #expires <= :now)"
 )
+# Only an existing lock item: a missing one goes through the state marker check first.
+_GRANT_IF = f"attribute_exists(#token) AND ({_FIRST_GRANT_IF})"
 _EXTEND = "SET #expires = :expires"
 _EXTEND_IF = "#holder = :client AND #expires > :now"
 _RELEASE = "REMOVE #holder, #expires"
@@ -138,6 +164,8 @@ _CREDENTIALS = frozenset(
 _CONDITION_FAILED = frozenset({"ConditionalCheckFailedException"})
 _UNKNOWN_OPERATION = frozenset({"UnknownOperationException"})
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
+# Who created a state marker, for whoever finds it in the table.
+_INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def endpoint_url(endpoint: str) -> str:
@@ -232,13 +260,19 @@ class DynamoStore(LockStore):
     settings_model = DynamoSettings
     settings: DynamoSettings
 
-    def __init__(self, settings: DynamoSettings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: DynamoSettings, *, grace_ms: int = 0) -> None:
+        super().__init__(settings, grace_ms=grace_ms)
         self._where = f"{settings.endpoint_url or 'AWS'} table {settings.table}"
         self._margin_ms = int(settings.clock_skew_margin * 1000)
         self._exit_stack = AsyncExitStack()
         self._client: Any = None
         self._connecting = asyncio.Lock()
+        # The grace period as the marker last showed it: its end in wall-clock ms, and
+        # the same end on the monotonic clock, which the hot path compares with.
+        self._grace_until = 0
+        self._grace_ends = 0.0
+        self._checking: asyncio.Future[int] | None = None
+        self._recreating: asyncio.Future[None] | None = None
 
     # -- connection -------------------------------------------------------------------
 
@@ -287,13 +321,36 @@ class DynamoStore(LockStore):
             logger.warning(
                 "dynamodb: only the first of {} endpoints is used", len(self.settings.endpoints)
             )
+        await self._prepare_table()
+
+    async def _prepare_table(self) -> None:
+        """Create the table if asked, prove it takes writes, and check the state marker."""
         if self.settings.create_table:
             await self._ensure_table()
         await self._write_probe()
+        await self.check_state()
 
     async def close(self) -> None:
+        if self._recreating is not None:
+            self._recreating.cancel()
+            await asyncio.wait([self._recreating])
         await self._exit_stack.aclose()
         self._client = None
+
+    def _table_missing(self) -> str:
+        """With `create_table`, start creating the lost table again in the background (its
+        missing state marker then starts a grace period); what to tell the caller."""
+        if not self.settings.create_table:
+            return " set create_table: true or create it as docs/backends/dynamodb.md shows"
+        if self._recreating is None:
+            self._recreating = asyncio.ensure_future(self._prepare_table())
+            self._recreating.add_done_callback(self._recreated)
+        return " creating it again"
+
+    def _recreated(self, task: asyncio.Future[None]) -> None:
+        self._recreating = None
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.error("dynamodb: could not create the table again: {}", error)
 
     # -- the retry loop ---------------------------------------------------------------
 
@@ -342,7 +399,7 @@ class DynamoStore(LockStore):
                     raise StoreUnavailable(
                         self.backend,
                         f"{self._where}: {operation}: the table does not exist ({message});"
-                        " set create_table: true or create it as docs/backends/dynamodb.md shows",
+                        + self._table_missing(),
                     ) from exc
                 if code not in _RETRYABLE and _status(exc) < 500:
                     raise StoreUnavailable(
@@ -401,44 +458,48 @@ class DynamoStore(LockStore):
             return False, exc.response.get("Item")
         return True, answer.get("Attributes", {})
 
-    async def _read(self, key: str, deadline: float) -> dict[str, Any] | None:
+    async def _read(
+        self, key: str, deadline: float, names: Mapping[str, str] = _NAMES
+    ) -> dict[str, Any] | None:
+        """The item's attributes `names`, read strongly consistently; None when absent."""
         answer = await self._call(
             "get_item",
             deadline=deadline,
             TableName=self.settings.table,
             Key={KEY: {"S": key}},
             ConsistentRead=True,
-            ProjectionExpression="#holder, #expires, #token",
-            ExpressionAttributeNames=_NAMES,
+            ProjectionExpression=", ".join(names),
+            ExpressionAttributeNames=dict(names),
         )
-        return answer.get("Item")
+        return answer.get("Item") or None
 
     # -- table management -------------------------------------------------------------
 
     async def _ensure_table(self) -> None:
         """Create the table if missing, wait until ACTIVE, and enable TTL on `purge_at`.
 
-        An existing table is only described, so CreateTable is needed only the first time.
+        An existing table is only described, so CreateTable is needed only the first time;
+        a table being deleted is created again once it is gone.
         """
         table = self.settings.table
-        status = await self._table_status()
-        if status is None:
-            try:
-                await self._call(
-                    "create_table",
-                    expected=frozenset({"ResourceInUseException"}),
-                    TableName=table,
-                    AttributeDefinitions=[{"AttributeName": KEY, "AttributeType": "S"}],
-                    KeySchema=[{"AttributeName": KEY, "KeyType": "HASH"}],
-                    BillingMode="PAY_PER_REQUEST",
-                )
-                logger.info("dynamodb: created table {} (on-demand)", table)
-            except ClientError:
-                pass  # another instance is creating it right now
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _TABLE_ACTIVE_TIMEOUT_S
         pause = 0.05
+        status = await self._table_status()
         while status != "ACTIVE":
+            if status is None:
+                try:
+                    await self._call(
+                        "create_table",
+                        expected=frozenset({"ResourceInUseException"}),
+                        TableName=table,
+                        AttributeDefinitions=[{"AttributeName": KEY, "AttributeType": "S"}],
+                        KeySchema=[{"AttributeName": KEY, "KeyType": "HASH"}],
+                        BillingMode="PAY_PER_REQUEST",
+                    )
+                    logger.info("dynamodb: created table {} (on-demand)", table)
+                except ClientError:
+                    pass  # another instance is creating it right now
             if loop.time() + pause > deadline:
                 raise StoreUnavailable(
                     self.backend,
@@ -510,17 +571,94 @@ class DynamoStore(LockStore):
             ProjectionExpression=KEY,
         )
 
+    async def check_state(self) -> int:
+        return await self._check_marker_shared(self._deadline())
+
+    async def _check_marker_shared(self, deadline: float) -> int:
+        """`_check_marker`; concurrent callers (first grants arriving together) share one."""
+        if self._checking is None:
+            self._checking = asyncio.ensure_future(self._check_marker(deadline))
+            self._checking.add_done_callback(self._checked)
+        return await asyncio.shield(self._checking)
+
+    def _checked(self, check: asyncio.Future[int]) -> None:
+        self._checking = None
+        if not check.cancelled():
+            check.exception()  # retrieved: a check whose callers all left logs nothing
+
+    async def _check_marker(self, deadline: float) -> int:
+        """Read the state marker, creating it when missing; the ms of grace left."""
+        names = {"#grace": GRACE_UNTIL}
+        marker = await self._read(STATE_MARKER_KEY, deadline, names)
+        if marker is None:
+            now = _now_ms()
+            grace_until = now + self.grace_ms
+            created, marker = await self._update(
+                deadline,
+                STATE_MARKER_KEY,
+                "SET #grace = :grace, #at = :at, #by = :by",
+                "attribute_not_exists(#pk)",
+                {
+                    ":grace": {"N": str(grace_until)},
+                    ":at": {"N": str(now)},
+                    ":by": {"S": _INSTANCE},
+                },
+                names={**names, "#at": CREATED_AT, "#by": CREATED_BY, "#pk": KEY},
+                old_on_failure=True,
+            )
+            if created:
+                self._grace_until = grace_until
+                self._log_loss()
+                return self._learn_grace(grace_until)
+            if not marker:  # another instance created it; dynalite does not return it
+                marker = await self._read(STATE_MARKER_KEY, deadline, names)
+        return self._learn_grace(int((marker or {}).get(GRACE_UNTIL, {}).get("N", 0)))
+
+    def _log_loss(self) -> None:
+        refused = (
+            f"refusing grants, refreshes and keep-alives for {self.grace_ms} ms"
+            if self.grace_ms
+            else "the grace period is off (0 ms): nothing is refused"
+        )
+        logger.warning(
+            "dynamodb: lock state lost: the state marker item was missing from {} (the table"
+            " is new, or was recreated or emptied); {}",
+            self._where,
+            refused,
+        )
+
+    def _learn_grace(self, grace_until: int) -> int:
+        """Take the marker's grace period (the store's truth) as this store's; the ms left."""
+        left = max(0, grace_until - _now_ms())
+        if left and grace_until != self._grace_until:
+            logger.info(
+                "dynamodb: the state marker in {} records a grace period after a loss of lock"
+                " state: refusing grants, refreshes and keep-alives for {} ms",
+                self._where,
+                left,
+            )
+        self._grace_until = grace_until
+        self._grace_ends = time.monotonic() + left / 1000
+        return left
+
+    def _grace_left_ms(self) -> int:
+        """The ms left of the grace period as last read: no request."""
+        return max(0, math.ceil((self._grace_ends - time.monotonic()) * 1000))
+
     async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
+        if left := self._grace_left_ms():
+            return _grace_refusal(left)
         pk = lock_item_key(key)
         deadline = self._deadline()
         lease = _Lease.of(None)
+        condition = _GRANT_IF
         for _ in range(_ACQUIRE_ROUNDS):
             now = _now_ms()
             granted, item = await self._update(
                 deadline,
                 pk,
                 _GRANT,
-                _GRANT_IF,
+                condition,
                 {
                     ":client": {"S": client_id},
                     ":expires": {"N": str(now + ttl_ms)},
@@ -533,9 +671,15 @@ class DynamoStore(LockStore):
             )
             if granted:
                 return Acquisition(True, client_id, _Lease.of(item).token, ttl_ms)
-            if item is None:
-                # DynamoDB returns the old item with the failed condition; an implementation
-                # that does not (dynalite) gets it read back. The answer "no" stands either way.
+            if not item and condition is _GRANT_IF:
+                # DynamoDB returns the old item with a failed condition, if there is one. None:
+                # the lock's first grant, or a table that lost its items (or an implementation
+                # that returns no old item, dynalite: then the first grant's answer tells).
+                if left := await self._check_marker_shared(deadline):
+                    return _grace_refusal(left)
+                condition = _FIRST_GRANT_IF
+                continue
+            if not item:  # dynalite: read the old item back; the "no" stands either way
                 item = await self._read(pk, deadline)
             lease = _Lease.of(item)
             if lease.holder != client_id:
@@ -567,6 +711,8 @@ class DynamoStore(LockStore):
         return Renewal(True, _Lease.of(item).token) if renewed else Renewal(False)
 
     async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
+        if self._grace_left_ms():
+            return Renewal(False)
         return await self._extend(lock_item_key(key), client_id, ttl_ms, self._deadline())
 
     async def release(self, key: LockKey, client_id: str, token: int = 0) -> bool:
@@ -607,6 +753,10 @@ class _Lease:
 
     def remaining_ms(self, now: int) -> int:
         return max(0, self.expires_at - now)
+
+
+def _grace_refusal(left_ms: int) -> Acquisition:
+    return Acquisition(False, "", 0, left_ms, grace=True)
 
 
 def _now_ms() -> int:

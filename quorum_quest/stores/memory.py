@@ -4,13 +4,19 @@ For development and single-instance use only. The state lives in one process, so
 several service instances must NOT share it, and a restart forgets every lease.
 Expiry is judged on the monotonic clock. Every operation runs without awaiting,
 so on the single event loop each one is atomic.
+
+A new store cannot know whether a previous process had granted leases that are
+still believed in, so `start()` always begins the state-loss grace period.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from loguru import logger
 
 from quorum_quest.stores.base import (
     Acquisition,
@@ -35,17 +41,31 @@ class MemoryStore(LockStore):
     backend = "memory"
     settings_model = StoreSettings
 
-    def __init__(self, settings: StoreSettings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: StoreSettings, *, grace_ms: int = 0) -> None:
+        super().__init__(settings, grace_ms=grace_ms)
         self._leases: dict[LockKey, _Lease] = {}
         # One counter for every lock: a token larger than all tokens issued so far is
         # larger than all tokens issued for any one lock. It starts at the wall clock in
         # microseconds so that tokens keep rising across a restart of this process.
         self._last_token = time.time_ns() // 1000
         self._next_sweep = 0.0
+        self._grace_until = 0.0  # time.monotonic() seconds
+
+    async def start(self) -> None:
+        self._grace_until = time.monotonic() + self.grace_ms / 1000
+        if self.grace_ms:
+            logger.warning(
+                "memory store started with no lock state: refusing new grants for {:g} s "
+                "(state-loss grace period), since leases granted by an earlier process "
+                "may still be believed in",
+                self.grace_ms / 1000,
+            )
 
     async def ping(self) -> None:
         return None
+
+    async def check_state(self) -> int:
+        return _grace_left_ms(self._grace_until, time.monotonic())
 
     def _live(self, key: LockKey, now: float) -> _Lease | None:
         lease = self._leases.get(key)
@@ -65,6 +85,8 @@ class MemoryStore(LockStore):
 
     async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
         now = time.monotonic()
+        if now < self._grace_until:
+            return Acquisition(False, "", 0, _grace_left_ms(self._grace_until, now), grace=True)
         self._sweep(now)
         lease = self._live(key, now)
         if lease is None:
@@ -87,6 +109,8 @@ class MemoryStore(LockStore):
         return [self._renew(key, client_id, ttl_ms, now) for key in keys]
 
     def _renew(self, key: LockKey, client_id: str, ttl_ms: int, now: float) -> Renewal:
+        if now < self._grace_until:
+            return Renewal(False)
         lease = self._live(key, now)
         if lease is None or lease.holder != client_id:
             return Renewal(False)
@@ -106,6 +130,10 @@ class MemoryStore(LockStore):
         if lease is None:
             return None
         return Holder(lease.holder, lease.token, _remaining_ms(lease, now))
+
+
+def _grace_left_ms(grace_until: float, now: float) -> int:
+    return math.ceil((grace_until - now) * 1000) if now < grace_until else 0
 
 
 def _remaining_ms(lease: _Lease, now: float) -> int:

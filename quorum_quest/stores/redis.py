@@ -4,29 +4,44 @@ Keys (with the default `key_prefix: lock`):
 
     lock:{<service>:<domain>}          hash {holder, token}, expires with the lease
     lock:{<service>:<domain>}:token    the lock's fencing counter, never expires
+    lock:state                         the state marker {run_id, grace_until, ...}
 
 service and domain are percent-encoded, so ':' inside a name cannot make two pairs
-collide, and '{'/'}' cannot break the hash tag: both keys of one lock share a hash
-slot, which is what Redis Cluster requires of a script's keys. A batch of renewals
-is one non-transactional pipeline of the single-lock script: one round trip, each
-script atomic on its own and touching one slot, so a batch never needs its locks to
-share a slot. The counter outlives
-the lease on purpose: a token must stay larger than every token issued before,
-also after expiry and release. It is floored at the server's clock in
-microseconds, so a counter lost with the data still never repeats a token.
+collide, and '{'/'}' cannot break the hash tag. A batch of renewals is one
+non-transactional pipeline of the single-lock script: one round trip, each script
+atomic on its own. The counter outlives the lease on purpose: a token must stay
+larger than every token issued before, also after expiry and release. It is
+floored at the server's clock in microseconds, so a counter lost with the data
+still never repeats a token.
+
+State loss. The marker names the Redis server (`run_id`) that last confirmed the
+state. A script that grants or renews first compares it with the server it runs
+on: a missing marker means the data is gone (a restart without persistence, a
+flush, or a new server); another `run_id` means the server restarted from a
+possibly old snapshot or a replica took over, and recent writes may be lost.
+Either way the same script records a grace period in the marker, and until it
+ends no lock is granted, refreshed or renewed, by any service instance. Scripts
+touch the marker and the lock's keys together, so the store runs against one
+Redis primary (standalone or behind Sentinel), not Redis Cluster.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
+from loguru import logger
 from pydantic import Field, field_validator
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import NoScriptError, RedisError
 
 from quorum_quest.errors import StoreUnavailable
+from quorum_quest.stores._redis_pipe import RedisPipe
 from quorum_quest.stores.base import (
     Acquisition,
     Holder,
@@ -36,12 +51,62 @@ from quorum_quest.stores.base import (
     StoreSettings,
 )
 
-# KEYS[1] lock hash, KEYS[2] counter; ARGV[1] client_id, ARGV[2] ttl_ms.
-# -> {1, token, holder, ttl_ms} when granted, {2, ...} when the caller's lease was refreshed,
-#    {0, token, holder, pttl} when someone else holds it
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    """A Lua script and its SHA1, by which EVALSHA runs it."""
+
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+# KEYS[1] state marker; ARGV[1] grace_ms. Returns the ms left of the grace period (0:
+# none) and 1 when this call found the state lost (then also why), recording the loss.
 # Lua numbers are doubles: exact up to 2**53 (year 2255 in microseconds), but they
 # must be written with '%d', since tostring() would round them to 14 digits.
-_ACQUIRE = """
+_GRACE = """
+local function grace(marker, grace_ms)
+  local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  local state = redis.call('HMGET', marker, 'run_id', 'grace_until')
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  if state[1] == run_id then
+    return math.max(0, tonumber(state[2]) - now), 0, ''
+  end
+  local why = 'missing'
+  if state[1] then why = 'run_id' end
+  redis.call('HSET', marker, 'run_id', run_id, 'detected_at', string.format('%d', now),
+    'grace_until', string.format('%d', now + tonumber(grace_ms)), 'reason', why)
+  return tonumber(grace_ms), 1, why
+end
+"""
+
+# KEYS[1] state marker; ARGV[1] grace_ms -> {grace left ms, detected, reason}
+_CHECK_STATE = _Script(
+    _GRACE
+    + """
+local left, detected, why = grace(KEYS[1], ARGV[1])
+return {left, detected, why}
+"""
+)
+
+# KEYS[1] lock hash, KEYS[2] counter, KEYS[3] state marker; ARGV[1] client_id,
+# ARGV[2] ttl_ms, ARGV[3] grace_ms.
+# -> {1, token, holder, ttl_ms} when granted, {2, ...} when the caller's lease was refreshed,
+#    {0, token, holder, pttl} when someone else holds it,
+#    {3, 0, '', grace left ms} during the state-loss grace period;
+#    each followed by (detected, reason) from `grace`.
+_ACQUIRE = _Script(
+    _GRACE
+    + """
+local left, detected, why = grace(KEYS[3], ARGV[3])
+local function reply(outcome, token, holder, ttl)
+  return {outcome, token, holder, ttl, detected, why}
+end
+if left > 0 then return reply(3, 0, '', left) end
 local lease = redis.call('HMGET', KEYS[1], 'holder', 'token')
 if lease[1] == false then
   local token = redis.call('INCR', KEYS[2])
@@ -53,40 +118,48 @@ if lease[1] == false then
   end
   redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'token', string.format('%d', token))
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {1, token, ARGV[1], tonumber(ARGV[2])}
+  return reply(1, token, ARGV[1], tonumber(ARGV[2]))
 end
 if lease[1] == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {2, tonumber(lease[2]), ARGV[1], tonumber(ARGV[2])}
+  return reply(2, tonumber(lease[2]), ARGV[1], tonumber(ARGV[2]))
 end
-return {0, tonumber(lease[2]), lease[1], redis.call('PTTL', KEYS[1])}
+return reply(0, tonumber(lease[2]), lease[1], redis.call('PTTL', KEYS[1]))
 """
+)
 
-# KEYS[1] lock hash; ARGV[1] client_id, ARGV[2] ttl_ms. -> token, or 0 if not the holder
-_KEEP_ALIVE = """
+# KEYS[1] lock hash, KEYS[2] state marker; ARGV[1] client_id, ARGV[2] ttl_ms,
+# ARGV[3] grace_ms. -> {token; 0 if not the holder; -1 during the grace period,
+#                         then (detected, reason) from `grace`}
+_KEEP_ALIVE = _Script(
+    _GRACE
+    + """
+local left, detected, why = grace(KEYS[2], ARGV[3])
+if left > 0 then return {-1, detected, why} end
 local lease = redis.call('HMGET', KEYS[1], 'holder', 'token')
 if lease[1] == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(lease[2])
+  return {tonumber(lease[2]), detected, why}
 end
-return 0
+return {0, detected, why}
 """
+)
 
 # KEYS[1] lock hash; ARGV[1] client_id, ARGV[2] token or '0' for any. -> 1 if deleted
-_RELEASE = """
+_RELEASE = _Script("""
 local lease = redis.call('HMGET', KEYS[1], 'holder', 'token')
 if lease[1] == ARGV[1] and (ARGV[2] == '0' or lease[2] == ARGV[2]) then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-"""
+""")
 
 # KEYS[1] lock hash. -> {holder, token, pttl} or {} when free
-_GET_LEADER = """
+_GET_LEADER = _Script("""
 local lease = redis.call('HMGET', KEYS[1], 'holder', 'token')
 if lease[1] == false then return {} end
 return {lease[1], tonumber(lease[2]), redis.call('PTTL', KEYS[1])}
-"""
+""")
 
 
 class RedisSettings(StoreSettings):
@@ -100,6 +173,28 @@ class RedisSettings(StoreSettings):
     tls: bool = False
     timeout: float = Field(default=2.0, gt=0, description="seconds per Redis command")
     max_connections: int = Field(default=64, gt=0)
+    sentinels: list[str] = Field(
+        default_factory=list,
+        description="Sentinel host:port addresses; when set, the primary is found through them",
+    )
+    master_name: str = Field(default="mymaster", description="the primary's name in Sentinel")
+    sentinel_password: str = ""
+
+    @field_validator("sentinels", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("sentinels")
+    @classmethod
+    def _host_port(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{address!r} is not host:port")
+        return value
 
     @field_validator("key_prefix")
     @classmethod
@@ -113,7 +208,18 @@ class RedisSettings(StoreSettings):
     def _redis_scheme(cls, value: str) -> str:
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        if value:
+            RedisPipe.from_url(value)  # ValueError for query options it does not take
         return value
+
+
+# `_ACQUIRE`'s outcome while the state-loss grace period lasts.
+_GRACE_PERIOD = 3
+_SCRIPTS = (_CHECK_STATE, _ACQUIRE, _KEEP_ALIVE, _RELEASE, _GET_LEADER)
+
+
+class _SentinelBlockingPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Connections to the primary Sentinel names, waiting for a free one past the maximum."""
 
 
 class RedisStore(LockStore):
@@ -121,56 +227,122 @@ class RedisStore(LockStore):
     settings_model = RedisSettings
     settings: RedisSettings
 
-    def __init__(self, settings: RedisSettings) -> None:
-        super().__init__(settings)
-        # A blocking pool: past `max_connections` a call waits (up to `timeout`) for a
-        # free connection instead of failing at once with "Too many connections".
-        options: dict[str, Any] = {
-            "socket_timeout": settings.timeout,
-            "socket_connect_timeout": settings.timeout,
-            "max_connections": settings.max_connections,
-            "timeout": settings.timeout,
-            "password": settings.password or None,
-            "username": settings.username or None,
-        }
-        if settings.url:
-            self._pool = aioredis.BlockingConnectionPool.from_url(settings.url, **options)
+    def __init__(self, settings: RedisSettings, *, grace_ms: int = 0) -> None:
+        super().__init__(settings, grace_ms=grace_ms)
+        self._marker = f"{settings.key_prefix}:state"
+        # Scripts run over one pipelined connection (`RedisPipe`): each command costs
+        # a few µs of CPU instead of redis-py's ~60. Sentinel deployments use
+        # redis-py, which asks Sentinel for the primary on every new connection.
+        self._pipe: RedisPipe | None = None
+        self._redis: aioredis.Redis | None = None
+        self._sentinel: Sentinel | None = None
+        if settings.sentinels:
+            self._redis = self._sentinel_client(settings)
+            self._where = f"sentinel {settings.master_name}@{','.join(settings.sentinels)}"
+        elif settings.url:
+            self._pipe = RedisPipe.from_url(
+                settings.url,
+                username=settings.username,
+                password=settings.password,
+                timeout=settings.timeout,
+            )
             self._where = settings.url.rsplit("@", 1)[-1]
         else:
-            connection = aioredis.SSLConnection if settings.tls else aioredis.Connection
-            self._pool = aioredis.BlockingConnectionPool(
+            self._pipe = RedisPipe(
                 host=settings.host,
                 port=settings.port,
                 db=settings.db,
-                connection_class=connection,
-                **options,
+                username=settings.username,
+                password=settings.password,
+                ssl=ssl.create_default_context() if settings.tls else None,
+                timeout=settings.timeout,
             )
             self._where = f"{settings.host}:{settings.port}/{settings.db}"
-        self._redis = aioredis.Redis(connection_pool=self._pool)
-        self._acquire = self._redis.register_script(_ACQUIRE)
-        self._keep_alive = self._redis.register_script(_KEEP_ALIVE)
-        self._release = self._redis.register_script(_RELEASE)
-        self._get_leader = self._redis.register_script(_GET_LEADER)
+        if self._pipe is not None:
+            for script in _SCRIPTS:
+                self._pipe.register(script.source)
+
+    def _sentinel_client(self, settings: RedisSettings) -> aioredis.Redis:
+        """A redis-py client of the primary Sentinel names, on a blocking pool: past
+        `max_connections` a call waits (up to `timeout`) for a free connection."""
+        addresses = [address.rpartition(":") for address in settings.sentinels]
+        self._sentinel = Sentinel(
+            [(host, int(port)) for host, _, port in addresses],
+            sentinel_kwargs={
+                "socket_timeout": settings.timeout,
+                "socket_connect_timeout": settings.timeout,
+                "password": settings.sentinel_password or None,
+            },
+        )
+        # Connections to a demoted primary are dropped when it answers READONLY.
+        return self._sentinel.master_for(
+            settings.master_name,
+            connection_pool_class=_SentinelBlockingPool,
+            db=settings.db,
+            ssl=settings.tls,
+            socket_timeout=settings.timeout,
+            socket_connect_timeout=settings.timeout,
+            max_connections=settings.max_connections,
+            timeout=settings.timeout,
+            password=settings.password or None,
+            username=settings.username or None,
+        )
 
     def _lock_key(self, key: LockKey) -> str:
         name = f"{quote(key.service, safe='')}:{quote(key.domain, safe='')}"
         return f"{self.settings.key_prefix}:{{{name}}}"
 
-    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    def _noticed(self, detected: int, why: bytes | str) -> None:
+        """Log a state loss that a script just found and recorded (once per loss)."""
+        if not detected:
+            return
+        reason = why.decode() if isinstance(why, bytes) else why
+        cause = (
+            "the state marker is missing: Redis restarted without its data, was flushed, or is new"
+            if reason == "missing"
+            else "the server changed (run_id): Redis restarted from a snapshot or a replica "
+            "took over, so recent writes may be lost"
+        )
+        if self.grace_ms:
+            logger.warning(
+                "redis lock state lost on {}: {}; refusing new grants for {:g} s "
+                "(state-loss grace period)",
+                self._where,
+                cause,
+                self.grace_ms / 1000,
+            )
+        else:
+            logger.warning(
+                "redis lock state lost on {}: {}; the state-loss grace period is off",
+                self._where,
+                cause,
+            )
+
+    async def _run(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await script(keys=keys, args=args)
+            if self._pipe is not None:
+                return await self._pipe.evalsha(script.sha, keys, args)
+            assert self._redis is not None
+            try:
+                return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                # Redis lost its script cache (restart, failover, SCRIPT FLUSH).
+                await self._redis.script_load(script.source)
+                return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(self.backend, f"{self._where}: {exc}") from exc
 
-    async def _run_each(self, script: Any, keys: list[str], args: list[Any]) -> list[Any]:
-        """Run `script` once per key (with the same `args`) in one pipeline, in order."""
+    async def _run_each(self, script: _Script, keys: list[list[str]], args: list[Any]) -> list[Any]:
+        """Run `script` once per key list (with the same `args`) in one round trip, in order."""
         try:
+            if self._pipe is not None:
+                return await self._pipe.evalsha_many(script.sha, keys, args)
             replies = await self._pipeline(script, keys, args)
             missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
             if missing:
-                # Redis lost its script cache (restart, SCRIPT FLUSH): a script that
-                # answered NOSCRIPT did not run, so load it and run those again.
-                await self._redis.script_load(script.script)
+                # A script that answered NOSCRIPT did not run: load it, run those again.
+                assert self._redis is not None
+                await self._redis.script_load(script.source)
                 again = await self._pipeline(script, [keys[i] for i in missing], args)
                 for index, reply in zip(missing, again, strict=True):
                     replies[index] = reply
@@ -181,55 +353,81 @@ class RedisStore(LockStore):
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(self.backend, f"{self._where}: {exc}") from exc
 
-    async def _pipeline(self, script: Any, keys: list[str], args: list[Any]) -> list[Any]:
-        # EVALSHA directly: `script(client=pipeline)` would first ask SCRIPT EXISTS,
-        # a second round trip per batch.
+    async def _pipeline(self, script: _Script, keys: list[list[str]], args: list[Any]) -> list[Any]:
+        assert self._redis is not None
         async with self._redis.pipeline(transaction=False) as pipeline:
-            for key in keys:
-                pipeline.evalsha(script.sha, 1, key, *args)
+            for each in keys:
+                pipeline.evalsha(script.sha, len(each), *each, *args)
             return await pipeline.execute(raise_on_error=False)
 
     async def start(self) -> None:
         await self.ping()
+        await self.check_state()
 
     async def close(self) -> None:
-        await self._redis.aclose()
-        await self._pool.aclose()
+        if self._pipe is not None:
+            await self._pipe.close()
+        if self._redis is not None:
+            await self._redis.aclose(close_connection_pool=True)
+        if self._sentinel is not None:
+            for sentinel in self._sentinel.sentinels:
+                await sentinel.aclose()
 
     async def ping(self) -> None:
         try:
-            await self._redis.ping()
+            if self._pipe is not None:
+                await self._pipe.execute("PING")
+            else:
+                assert self._redis is not None
+                await self._redis.ping()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(self.backend, f"{self._where}: {exc}") from exc
 
+    async def check_state(self) -> int:
+        left, detected, why = await self._run(_CHECK_STATE, [self._marker], [self.grace_ms])
+        self._noticed(detected, why)
+        return int(left)
+
     async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
         lock = self._lock_key(key)
-        outcome, token, holder, ttl = await self._run(
-            self._acquire, [lock, f"{lock}:token"], [client_id, ttl_ms]
+        outcome, token, holder, ttl, detected, why = await self._run(
+            _ACQUIRE, [lock, f"{lock}:token", self._marker], [client_id, ttl_ms, self.grace_ms]
         )
+        self._noticed(detected, why)
+        if outcome == _GRACE_PERIOD:
+            return Acquisition(False, "", 0, int(ttl), grace=True)
         return Acquisition(
             outcome > 0, holder.decode(), int(token), max(0, int(ttl)), refreshed=outcome == 2
         )
 
     async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
-        token = await self._run(self._keep_alive, [self._lock_key(key)], [client_id, ttl_ms])
-        return Renewal(token > 0, int(token))
+        reply = await self._run(
+            _KEEP_ALIVE,
+            [self._lock_key(key), self._marker],
+            [client_id, ttl_ms, self.grace_ms],
+        )
+        return self._renewal(reply)
 
     async def keep_alive_many(
         self, keys: Sequence[LockKey], client_id: str, ttl_ms: int
     ) -> list[Renewal]:
         if not keys:
             return []
-        locks = [self._lock_key(key) for key in keys]
-        tokens = await self._run_each(self._keep_alive, locks, [client_id, ttl_ms])
-        return [Renewal(token > 0, int(token)) for token in tokens]
+        locks = [[self._lock_key(key), self._marker] for key in keys]
+        replies = await self._run_each(_KEEP_ALIVE, locks, [client_id, ttl_ms, self.grace_ms])
+        return [self._renewal(reply) for reply in replies]
+
+    def _renewal(self, reply: list[Any]) -> Renewal:
+        token, detected, why = reply
+        self._noticed(detected, why)
+        return Renewal(token > 0, max(0, int(token)))
 
     async def release(self, key: LockKey, client_id: str, token: int = 0) -> bool:
         keys, args = [self._lock_key(key)], [client_id, str(token)]
-        return bool(await self._run(self._release, keys, args))
+        return bool(await self._run(_RELEASE, keys, args))
 
     async def get_leader(self, key: LockKey) -> Holder | None:
-        lease = await self._run(self._get_leader, [self._lock_key(key)], [])
+        lease = await self._run(_GET_LEADER, [self._lock_key(key)], [])
         if not lease:
             return None
         holder, token, remaining = lease

@@ -16,6 +16,7 @@ out at `consistency`, and the answer carries `[applied]` and, when not applied, 
 current values of the row. Each decision is taken by the server on the row as it is at
 that moment; no write ever depends on an earlier plain read:
 
+    read     SELECT holder, expires_at, fencing_token at `serial_consistency`
     create   INSERT (service, domain, holder, expires_at, fencing_token) IF NOT EXISTS
     take     UPDATE SET holder, expires_at, fencing_token
              IF holder = <seen> AND expires_at = <seen> AND fencing_token = <seen>
@@ -25,14 +26,15 @@ that moment; no write ever depends on an earlier plain read:
     release  DELETE holder, expires_at IF holder = <me> [AND fencing_token = <token>]
              AND expires_at > <now>
 
-`acquire` sends `create`: it grants a lock never used before, and otherwise answers with
-the whole row. A live lease of someone else is a refusal; the caller's own live lease
-is refreshed (same token); a free or expired lock is taken with a compare-and-set on the
-exact row it saw, so a change in between (another grant, a refresh) fails the condition,
-whose answer is the new row to decide on again. `keep_alive` is `extend`; Cassandra
-answers an applied LWT with `[applied]` alone (ScyllaDB adds the old row), so the token
-is then read at the serial consistency. `release` is `release`; `get_leader` reads at
-the serial consistency.
+`acquire` reads the row (a serial read is a Paxos round, as a refused LWT is). A live
+lease of someone else is a refusal; the caller's own live lease is refreshed (same
+token); a free or expired lock is taken with a compare-and-set on the exact row it saw,
+so a change in between (another grant, a refresh) fails the condition, whose answer is
+the new row to decide on again. No row at all means the lock's first grant, or a table
+that lost its rows: the state marker is checked (below), then `create` grants the lock.
+`keep_alive` is `extend`; Cassandra answers an applied LWT with `[applied]` alone
+(ScyllaDB adds the old row), so the token is then read at the serial consistency.
+`release` is `release`; `get_leader` reads at the serial consistency.
 
 Why no CQL TTL holds the lease: TTLs count whole seconds, and a cell's expiry is judged on
 each replica's clock at second granularity, so a 1 s TTL can end after a few
@@ -45,6 +47,18 @@ the Redis counter key. A new token is `max(seen + 1, wall clock in microseconds)
 compare-and-set on the seen token makes it larger than every token issued before, and the
 clock floor keeps tokens rising even if the table is dropped and created again.
 
+State loss. The table holds one row that is not a lock, the state marker:
+service '' (the service refuses empty names, so no client can name this row) and domain
+'state-marker', with `expires_at` = grace_until (wall-clock ms until which grants are
+refused), `fencing_token` = when it was created (ms) and `holder` = the instance that
+created it. It shares the lock rows' fate: a truncated, dropped or recreated table, or
+replicas that lost their data, lose it too. `check_state()` reads it serially; when it is
+missing, it is created with `create` (`IF NOT EXISTS`: one instance wins and logs the
+loss) and grace_until = now + `grace_ms`. Every first grant of a lock checks it the same
+way first (first grants arriving together share one check), so a recreated table is
+caught by the first acquire. The grace period is cached as a monotonic deadline: while
+it lasts, `acquire` and `keep_alive` refuse without a round trip.
+
 A write whose Paxos round times out has an unknown outcome: it may still be applied
 (a later round completes it). Such calls raise `StoreUnavailable` saying so; the caller
 learns the truth by calling again (an acquire by the same client refreshes its own lease).
@@ -52,7 +66,11 @@ learns the truth by calling again (an acquire by the same client refreshes its o
 
 from __future__ import annotations
 
+import asyncio
+import math
+import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +133,10 @@ _STATEMENTS = {
     "read": "SELECT holder, expires_at, fencing_token FROM {table} " + _KEY,
     "ping": "SELECT release_version FROM system.local",
 }
+# The state marker's row: no client can name it, since the service refuses empty names.
+STATE_MARKER = LockKey("", "state-marker")
+# Who created a marker, for whoever finds it in the table.
+_INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
 _NO_SCHEMA_HINT = " (create_schema is off: create the table as docs/backends/scylladb.md shows)"
 # Server and client timeouts: the LWT may or may not have been applied.
 _UNKNOWN_OUTCOME = (
@@ -298,8 +320,8 @@ class ScyllaStore(LockStore):
     settings_model = ScyllaSettings
     settings: ScyllaSettings
 
-    def __init__(self, settings: ScyllaSettings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: ScyllaSettings, *, grace_ms: int = 0) -> None:
+        super().__init__(settings, grace_ms=grace_ms)
         hosts, port = settings.contact_points()
         self._where = ",".join(hosts) + f":{port}"
         self._table = f'"{settings.keyspace}"."{settings.table}"'
@@ -321,6 +343,11 @@ class ScyllaStore(LockStore):
         self._cluster = acsylla.create_cluster(hosts, **options)
         self._session: acsylla.Session | None = None
         self._statements: dict[str, acsylla.PreparedStatement] = {}
+        # The grace period as the marker last showed it: its end in wall-clock ms, and
+        # the same end on the monotonic clock, which the hot path compares with.
+        self._grace_until = 0
+        self._grace_ends = 0.0
+        self._checking: asyncio.Future[int] | None = None
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -333,6 +360,7 @@ class ScyllaStore(LockStore):
             if self.settings.create_schema:
                 await self._create_schema()
             await self._prepare()
+            await self.check_state()
         except BaseException:
             await self.close()
             raise
@@ -476,19 +504,91 @@ class ScyllaStore(LockStore):
     async def ping(self) -> None:
         await self._execute("ping", "ping", [], consistency=acsylla.Consistency.ONE)
 
-    async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
-        now_ms, token = _now_ms(), _now_us()
-        applied, seen = await self._lwt(
-            "acquire",
-            "create",
-            [key.service, key.domain, client_id, now_ms + ttl_ms, token],
+    async def check_state(self) -> int:
+        """Concurrent callers (first grants arriving together, say) share one check."""
+        if self._checking is None:
+            self._checking = asyncio.ensure_future(self._check_marker())
+            self._checking.add_done_callback(self._checked)
+        return await asyncio.shield(self._checking)
+
+    def _checked(self, check: asyncio.Future[int]) -> None:
+        self._checking = None
+        if not check.cancelled():
+            check.exception()  # retrieved: a check whose callers all left logs nothing
+
+    async def _check_marker(self) -> int:
+        """Read the state marker serially, creating it when missing; the ms of grace left."""
+        operation = "check_state"
+        marker = await self._read(operation, STATE_MARKER)
+        if marker.expires_at is None:
+            now_ms = _now_ms()
+            grace_until = now_ms + self.grace_ms
+            applied, marker = await self._lwt(
+                operation,
+                "create",
+                [STATE_MARKER.service, STATE_MARKER.domain, _INSTANCE, grace_until, now_ms],
+            )
+            if applied:
+                self._grace_until = grace_until
+                self._log_loss()
+                return self._learn_grace(grace_until)
+            if marker is None or marker.expires_at is None:
+                marker = await self._read(operation, STATE_MARKER)
+        return self._learn_grace(marker.expires_at or 0)
+
+    def _log_loss(self) -> None:
+        refused = (
+            f"refusing grants, refreshes and keep-alives for {self.grace_ms} ms"
+            if self.grace_ms
+            else "the grace period is off (0 ms): nothing is refused"
         )
-        if applied:
-            return Acquisition(True, client_id, token, ttl_ms)
+        logger.warning(
+            "scylladb: lock state lost: the state marker row was missing from {} on {} (the "
+            "table is new, or was truncated or recreated, or its replicas lost their data); "
+            "{}",
+            self._table,
+            self._where,
+            refused,
+        )
+
+    def _learn_grace(self, grace_until: int) -> int:
+        """Take the marker's grace period (the store's truth) as this store's; the ms left."""
+        left = max(0, grace_until - _now_ms())
+        if left and grace_until != self._grace_until:
+            logger.info(
+                "scylladb: the state marker in {} records a grace period after a loss of lock "
+                "state: refusing grants, refreshes and keep-alives for {} ms",
+                self._table,
+                left,
+            )
+        self._grace_until = grace_until
+        self._grace_ends = time.monotonic() + left / 1000
+        return left
+
+    def _grace_left_ms(self) -> int:
+        """The ms left of the grace period as last read: no round trip."""
+        return max(0, math.ceil((self._grace_ends - time.monotonic()) * 1000))
+
+    async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
+        if left := self._grace_left_ms():
+            return _grace_refusal(left)
+        seen: _Row | None = await self._read("acquire", key)
         for _ in range(_MAX_ROUNDS):
-            if seen is None:  # a refused take always shows its condition columns; be safe
+            if seen is None:  # a refused LWT always shows its condition columns; be safe
                 seen = await self._read("acquire", key)
             now_ms = _now_ms()
+            if seen.token is None:  # no row: the lock's first grant, or the table lost its rows
+                if left := await self.check_state():
+                    return _grace_refusal(left)
+                now_ms, token = _now_ms(), _now_us()
+                applied, seen = await self._lwt(
+                    "acquire",
+                    "create",
+                    [key.service, key.domain, client_id, now_ms + ttl_ms, token],
+                )
+                if applied:
+                    return Acquisition(True, client_id, token, ttl_ms)
+                continue
             if seen.holder == client_id and seen.live(now_ms):
                 held = seen.token
                 applied, seen = await self._lwt(
@@ -497,14 +597,14 @@ class ScyllaStore(LockStore):
                     [now_ms + ttl_ms, key.service, key.domain, client_id, held, now_ms],
                 )
                 if applied:
-                    return Acquisition(True, client_id, held or 0, ttl_ms, refreshed=True)
+                    return Acquisition(True, client_id, held, ttl_ms, refreshed=True)
                 continue
             if seen.holder != client_id and seen.live(now_ms, self._margin_ms):
                 assert seen.expires_at is not None
                 return Acquisition(
-                    False, seen.holder or "", seen.token or 0, max(0, seen.expires_at - now_ms)
+                    False, seen.holder or "", seen.token, max(0, seen.expires_at - now_ms)
                 )
-            token = max((seen.token or 0) + 1, _now_us())
+            token = max(seen.token + 1, _now_us())
             applied, seen = await self._lwt(
                 "acquire",
                 "take",
@@ -524,6 +624,8 @@ class ScyllaStore(LockStore):
         return Acquisition(False, "", 0, 0)
 
     async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
+        if self._grace_left_ms():
+            return Renewal(False)
         now_ms = _now_ms()
         applied, seen = await self._lwt(
             "keep_alive", "extend", [now_ms + ttl_ms, key.service, key.domain, client_id, now_ms]
@@ -555,6 +657,10 @@ class ScyllaStore(LockStore):
             return None
         assert row.holder is not None and row.expires_at is not None
         return Holder(row.holder, row.token or 0, max(0, row.expires_at - now_ms))
+
+
+def _grace_refusal(left_ms: int) -> Acquisition:
+    return Acquisition(False, "", 0, left_ms, grace=True)
 
 
 def _now_ms() -> int:

@@ -29,13 +29,14 @@ from quorum_quest.config.settings import ObservabilitySettings
 SCOPE = "quorum_quest"
 
 # Results of lock operations, the `result` attribute of quorum_quest.lock.operations.
-ACQUIRED, HELD_BY_OTHER, RENEWED, NOT_HOLDER, RELEASED, ERROR = (
+ACQUIRED, HELD_BY_OTHER, RENEWED, NOT_HOLDER, RELEASED, ERROR, GRACE_PERIOD = (
     "acquired",
     "held_by_other",
     "renewed",
     "not_holder",
     "released",
     "error",
+    "grace_period",
 )
 
 LATENCY_SAMPLE_EVERY = 8
@@ -43,6 +44,7 @@ LATENCY_SAMPLE_EVERY = 8
 # The reload counter and the held-lease gauge read state that outlives a Telemetry.
 ReloadCounts = Callable[[], dict[str, int]]
 HeldLeases = Callable[[], int]
+GraceLeft = Callable[[], float]
 
 
 class Telemetry:
@@ -54,10 +56,12 @@ class Telemetry:
         *,
         held_leases: HeldLeases,
         reloads: ReloadCounts,
+        grace_left: GraceLeft = lambda: 0.0,
         prometheus: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
         self._held_leases = held_leases
+        self._grace_left = grace_left
         self._reloads = reloads
         self._operations: Counter[tuple[str, str, str]] = Counter()
         self._calls = 0
@@ -104,6 +108,12 @@ class Telemetry:
             callbacks=[self._observe_held],
             unit="{lease}",
             description="live leases granted or renewed through this instance",
+        )
+        meter.create_observable_gauge(
+            "quorum_quest.store.grace_remaining",
+            callbacks=[self._observe_grace],
+            unit="s",
+            description="seconds left of the store's state-loss grace period (0: none)",
         )
 
     @staticmethod
@@ -183,6 +193,9 @@ class Telemetry:
 
     def _observe_held(self, options: CallbackOptions) -> Iterable[Observation]:
         yield Observation(self._held_leases())
+
+    def _observe_grace(self, options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(self._grace_left())
 
     def operation_counts(self) -> dict[tuple[str, str, str], int]:
         return dict(self._operations)

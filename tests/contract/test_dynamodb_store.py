@@ -8,22 +8,27 @@ records what it does instead, so that a fixed emulator shows up as a failing qui
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from loguru import logger
 from pydantic import ValidationError
 
 from quorum_quest.errors import StoreUnavailable
-from quorum_quest.stores import LockKey, store_class
+from quorum_quest.stores import Acquisition, LockKey, store_class
 from quorum_quest.stores.dynamodb import (
+    CREATED_AT,
+    GRACE_UNTIL,
     PURGE_AT,
+    STATE_MARKER_KEY,
     TOKEN,
     DynamoSettings,
     DynamoStore,
@@ -31,21 +36,31 @@ from quorum_quest.stores.dynamodb import (
     lock_item_key,
 )
 from tests.backends import free_port
-from tests.backends.dynamodb import IMPLEMENTATIONS, TEST_CREDENTIALS, Endpoint, moto_process
+from tests.backends.dynamodb import (
+    IMPLEMENTATIONS,
+    TEST_CREDENTIALS,
+    EmulatorProcess,
+    Endpoint,
+    dynalite_process,
+    moto_process,
+)
 
 pytestmark = pytest.mark.dynamodb
 
 SHORT_MS = 300
 LONG_MS = 30_000
+GRACE_MS = 2000
+# For tests that never wait for the end of a grace period: no slow machine outlasts it.
+LONG_GRACE_MS = 60_000
 
 
-def make_store(**settings: Any) -> DynamoStore:
-    return store_class("dynamodb")(DynamoSettings.model_validate(settings))
+def make_store(grace_ms: int = 0, **settings: Any) -> DynamoStore:
+    return store_class("dynamodb")(DynamoSettings.model_validate(settings), grace_ms=grace_ms)
 
 
 @asynccontextmanager
-async def started(config: dict[str, Any]) -> AsyncIterator[DynamoStore]:
-    store = make_store(**config)
+async def started(config: dict[str, Any], grace_ms: int = 0) -> AsyncIterator[DynamoStore]:
+    store = make_store(grace_ms, **config)
     try:
         await store.start()
         yield store
@@ -445,6 +460,8 @@ async def test_unreachable_endpoint_is_unavailable_within_the_deadline() -> None
     with pytest.raises(StoreUnavailable) as caught:
         await store.acquire(LockKey("svc", "dom"), "alice", LONG_MS)
     elapsed = time.monotonic() - began
+    with pytest.raises(StoreUnavailable, match="Could not connect"):
+        await store.check_state()  # a failure, never a grace period
     await store.close()
     assert elapsed < 1.3, elapsed
     assert caught.value.backend == "dynamodb"
@@ -664,3 +681,187 @@ async def test_tokens_keep_rising_when_the_lock_item_is_lost(
         )
         after = (await store.acquire(key, "bob", LONG_MS)).token
     assert after > before
+
+
+# -- state loss and the grace period ---------------------------------------------------
+
+
+@contextmanager
+def losses_logged() -> Iterator[list[str]]:
+    """The WARNINGs about a loss of lock state logged meanwhile."""
+    messages: list[str] = []
+    sink = logger.add(
+        lambda message: messages.append(message.record["message"]),
+        level="WARNING",
+        filter=lambda record: "lock state lost" in record["message"],
+    )
+    try:
+        yield messages
+    finally:
+        logger.remove(sink)
+
+
+def in_grace(answer: Acquisition, grace_ms: int = GRACE_MS) -> bool:
+    return answer == Acquisition(False, "", 0, answer.ttl_ms, grace=True) and (
+        0 < answer.ttl_ms <= grace_ms
+    )
+
+
+def empty_table(endpoint: Endpoint, table: str) -> None:
+    """Lose every item, as a table recreated or emptied by hand does."""
+    admin = endpoint.admin()
+    for item in admin.scan(TableName=table, ConsistentRead=True)["Items"]:
+        admin.delete_item(TableName=table, Key={"pk": item["pk"]})
+
+
+async def test_a_recreated_table_refuses_grants_for_the_grace_period_then_tokens_go_on_rising(
+    dynamodb_endpoint: Endpoint, config: dict[str, Any]
+) -> None:
+    key = fresh_key()
+    async with started(config) as store:
+        before = (await store.acquire(key, "alice", LONG_MS)).token
+    dynamodb_endpoint.delete_table(config["table"])
+    admin = dynamodb_endpoint.admin()
+    while config["table"] in admin.list_tables()["TableNames"]:  # dynalite takes a moment
+        await asyncio.sleep(0.05)
+    with losses_logged() as losses:
+        async with started(config, GRACE_MS) as store:  # creates the table again
+            assert len(losses) == 1
+            assert losses[0].startswith("dynamodb: lock state lost")
+            assert f"refusing grants, refreshes and keep-alives for {GRACE_MS} ms" in losses[0]
+            marker = raw_item(dynamodb_endpoint, config["table"], STATE_MARKER_KEY)
+            assert marker is not None and PURGE_AT not in marker
+            assert int(marker[GRACE_UNTIL]["N"]) - int(marker[CREATED_AT]["N"]) == GRACE_MS
+            refused = await store.acquire(key, "bob", LONG_MS)
+            assert in_grace(refused), refused
+            assert await store.get_leader(key) is None
+            await asyncio.sleep(refused.ttl_ms / 1000)
+            granted = await store.acquire(key, "bob", LONG_MS)
+    assert len(losses) == 1
+    assert granted.acquired and granted.token > before
+
+
+async def test_an_emptied_table_refuses_the_old_holder_and_everyone_until_the_grace_ends(
+    dynamodb_endpoint: Endpoint, config: dict[str, Any]
+) -> None:
+    key = fresh_key()
+    async with started(config) as first, started(config) as second:
+        for store in (first, second):
+            store.grace_ms = GRACE_MS  # as a reload would set it: for the next detection
+        alice = await first.acquire(key, "alice", LONG_MS)
+        empty_table(dynamodb_endpoint, config["table"])
+        with losses_logged() as losses:
+            assert not (await first.keep_alive(key, "alice", LONG_MS)).renewed  # item gone
+            assert in_grace(await second.acquire(key, "bob", LONG_MS))  # the first grant detects
+            # The other instance learns it from the marker on its own first-grant path.
+            assert in_grace(await first.acquire(key, "carol", LONG_MS))
+            assert in_grace(await first.acquire(key, "alice", LONG_MS))
+            assert not (await first.keep_alive(key, "alice", LONG_MS)).renewed
+            assert 0 < await first.check_state() <= GRACE_MS
+        assert len(losses) == 1
+        await asyncio.sleep(await second.check_state() / 1000)
+        granted = await first.acquire(key, "bob", LONG_MS)
+    assert granted.acquired and granted.token > alice.token
+
+
+async def test_in_the_grace_period_every_grant_and_renewal_is_refused_release_works(
+    dynamodb_endpoint: Endpoint, config: dict[str, Any]
+) -> None:
+    held, expired, new = fresh_key(), fresh_key(), fresh_key()
+    async with started(config) as first, started(config, LONG_GRACE_MS) as second:
+        alice = await first.acquire(held, "alice", LONG_MS)
+        await first.acquire(expired, "dave", SHORT_MS)
+        await expire()
+        # Only the marker is lost: the next check finds out.
+        dynamodb_endpoint.admin().delete_item(
+            TableName=config["table"], Key={"pk": {"S": STATE_MARKER_KEY}}
+        )
+        with losses_logged() as losses:
+            assert 0 < await second.check_state() <= LONG_GRACE_MS
+        assert len(losses) == 1
+        assert 0 < await first.check_state() <= LONG_GRACE_MS  # recorded in the table: both agree
+        for store in (first, second):
+            refresh = await store.acquire(held, "alice", LONG_MS)
+            takeover = await store.acquire(expired, "erin", LONG_MS)
+            first_grant = await store.acquire(new, "erin", LONG_MS)
+            for answer in (refresh, takeover, first_grant):
+                assert in_grace(answer, LONG_GRACE_MS), answer
+            assert not (await store.keep_alive(held, "alice", LONG_MS)).renewed
+            renewals = await store.keep_alive_many([held], "alice", LONG_MS)
+            assert [renewal.renewed for renewal in renewals] == [False]
+        leader = await second.get_leader(held)
+        assert leader is not None and (leader.client_id, leader.token) == ("alice", alice.token)
+        assert await second.release(held, "alice", alice.token)
+        assert await second.get_leader(held) is None
+
+
+async def test_without_a_grace_period_a_loss_is_logged_and_nothing_refused(
+    dynamodb_endpoint: Endpoint, config: dict[str, Any]
+) -> None:
+    key = fresh_key()
+    with losses_logged() as losses:
+        async with started(config) as store:
+            assert len(losses) == 1 and "the grace period is off" in losses[0]
+            assert await store.check_state() == 0
+            alice = await store.acquire(key, "alice", LONG_MS)
+            assert alice.acquired
+            empty_table(dynamodb_endpoint, config["table"])
+            bob = await store.acquire(key, "bob", LONG_MS)
+    assert len(losses) == 2
+    assert bob.acquired and bob.token > alice.token
+
+
+async def test_check_state_answers_what_is_left_of_the_grace_period(
+    config: dict[str, Any],
+) -> None:
+    with losses_logged() as losses:
+        async with started(config, GRACE_MS) as store:
+            left = await store.check_state()
+            assert 0 < left <= GRACE_MS
+            await asyncio.sleep(0.5)
+            later = await store.check_state()
+            assert later <= left - 450
+            refused = await store.acquire(fresh_key(), "alice", LONG_MS)
+            assert in_grace(refused) and refused.ttl_ms <= later
+            await asyncio.sleep(later / 1000)
+            assert await store.check_state() == 0
+            assert (await store.acquire(fresh_key(), "alice", LONG_MS)).acquired
+    assert len(losses) == 1  # found once; the checks after it read the marker
+
+
+async def test_a_second_instance_sees_the_grace_period_the_first_recorded(
+    config: dict[str, Any],
+) -> None:
+    with losses_logged() as losses:
+        async with started(config, LONG_GRACE_MS), started(config) as second:
+            assert len(losses) == 1  # only the instance whose marker was written
+            assert 0 < await second.check_state() <= LONG_GRACE_MS
+            assert in_grace(await second.acquire(fresh_key(), "bob", LONG_MS), LONG_GRACE_MS)
+
+
+@pytest.mark.parametrize("make_process", [moto_process, dynalite_process], ids=["moto", "dynalite"])
+async def test_an_emulator_restarted_in_memory_gets_its_table_again_and_a_grace_period(
+    make_process: Callable[[], EmulatorProcess],
+) -> None:
+    key = fresh_key()
+    with make_process() as process:
+        async with started(process.endpoint.store_config(timeout=1.0)) as store:
+            alice = await store.acquire(key, "alice", LONG_MS)
+            store.grace_ms = GRACE_MS
+            process.stop()
+            process.start()  # on the same port, with no tables
+            with losses_logged() as losses:
+                with pytest.raises(StoreUnavailable, match="creating it again"):
+                    await store.keep_alive(key, "alice", LONG_MS)
+                left = 0
+                for _ in range(100):  # the table is created again in the background
+                    with contextlib.suppress(StoreUnavailable):
+                        if left := await store.check_state():
+                            break
+                    await asyncio.sleep(0.05)
+            assert len(losses) == 1 and 0 < left <= GRACE_MS
+            assert in_grace(await store.acquire(key, "alice", LONG_MS))
+            assert not (await store.keep_alive(key, "alice", LONG_MS)).renewed
+            await asyncio.sleep(left / 1000)
+            bob = await store.acquire(key, "bob", LONG_MS)
+    assert bob.acquired and bob.token > alice.token

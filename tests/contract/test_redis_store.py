@@ -18,8 +18,8 @@ from tests.backends.redis import RedisProcess
 pytestmark = pytest.mark.redis
 
 
-def make_store(**settings: object) -> RedisStore:
-    return store_class("redis")(RedisSettings.model_validate(settings))
+def make_store(grace_ms: int = 0, **settings: object) -> RedisStore:
+    return store_class("redis")(RedisSettings.model_validate(settings), grace_ms=grace_ms)
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ async def test_both_keys_of_a_lock_share_one_hash_slot(redis_url: str, prefix: s
     await store.start()
     try:
         await store.acquire(LockKey("orders{eu}", "shard:7"), "alice", 10_000)
-        keys = await keys_of(redis_url, f"{prefix}:*")
+        keys = await keys_of(redis_url, f"{prefix}:{{*")
     finally:
         await store.close()
     assert len(keys) == 2, keys
@@ -55,6 +55,7 @@ async def test_keys_carry_the_configured_prefix(redis_url: str, prefix: str) -> 
     finally:
         await store.close()
     assert await keys_of(redis_url, f"{prefix}:*") == [
+        f"{prefix}:state".encode(),
         f"{prefix}:{{svc:dom}}".encode(),
         f"{prefix}:{{svc:dom}}:token".encode(),
     ]
@@ -70,7 +71,7 @@ async def test_db_setting_selects_the_database(redis_url: str, prefix: str) -> N
     finally:
         await store.close()
     assert await keys_of(redis_url, f"{prefix}:*", db=0) == []
-    assert len(await keys_of(redis_url, f"{prefix}:*", db=3)) == 2
+    assert len(await keys_of(redis_url, f"{prefix}:*", db=3)) == 3
 
 
 async def test_password_is_used() -> None:
@@ -99,7 +100,9 @@ async def test_tokens_keep_rising_after_the_data_is_lost() -> None:
         await store.start()
         key = LockKey("svc", "dom")
         before = (await store.acquire(key, "alice", 10_000)).token
-        await store._redis.flushall()  # what a restart without persistence leaves behind
+        admin = aioredis.Redis.from_url(server.url)
+        await admin.flushall()  # what a restart without persistence leaves behind
+        await admin.aclose()
         after = (await store.acquire(key, "bob", 10_000)).token
         await store.close()
     assert after > before
@@ -122,3 +125,81 @@ async def test_more_concurrent_calls_than_connections_wait_for_a_connection(
     finally:
         await store.close()
     assert all(result.acquired for result in results)
+
+
+# -- state loss ----------------------------------------------------------------------
+
+GRACE_MS = 1_500
+KEY = LockKey("svc", "dom")
+
+
+async def test_lost_keys_refuse_the_holder_and_everyone_for_the_grace_period(
+    redis_url: str, prefix: str
+) -> None:
+    store = make_store(GRACE_MS, url=redis_url, key_prefix=prefix)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await store.start()
+        await asyncio.sleep(GRACE_MS / 1000)  # the fresh prefix's own grace period
+        first = await store.acquire(KEY, "alice", 30_000)
+        assert first.acquired
+        await admin.delete(*await keys_of(redis_url, f"{prefix}:*"))  # the data is gone
+        assert not (await store.keep_alive(KEY, "alice", 30_000)).renewed
+        refused = await store.acquire(KEY, "bob", 30_000)
+        assert refused.grace and 0 < refused.ttl_ms <= GRACE_MS
+        await asyncio.sleep(refused.ttl_ms / 1000 + 0.1)
+        second = await store.acquire(KEY, "bob", 30_000)
+        assert second.acquired and second.token > first.token
+    finally:
+        await admin.aclose()
+        await store.close()
+
+
+async def test_another_server_id_means_possibly_stale_data(redis_url: str, prefix: str) -> None:
+    """A restart from a snapshot or a replica taking over shows as another run_id."""
+    store = make_store(GRACE_MS, url=redis_url, key_prefix=prefix)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await store.start()
+        await asyncio.sleep(GRACE_MS / 1000)
+        assert (await store.acquire(KEY, "alice", 30_000)).acquired
+        await admin.hset(f"{prefix}:state", "run_id", "0" * 40)
+        # The restored lease is still there, but it can no longer be trusted.
+        assert not (await store.keep_alive(KEY, "alice", 30_000)).renewed
+        assert (await store.acquire(KEY, "alice", 30_000)).grace
+        assert await admin.hget(f"{prefix}:state", "reason") == b"run_id"
+    finally:
+        await admin.aclose()
+        await store.close()
+
+
+async def test_the_grace_period_is_shared_by_every_instance(redis_url: str, prefix: str) -> None:
+    first = make_store(GRACE_MS, url=redis_url, key_prefix=prefix)
+    second = make_store(GRACE_MS, url=redis_url, key_prefix=prefix)
+    try:
+        await first.start()
+        await second.start()
+        assert 0 < await second.check_state() <= GRACE_MS
+        assert (await second.acquire(KEY, "bob", 30_000)).grace
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_batch_renewal_is_refused_during_the_grace_period(
+    redis_url: str, prefix: str
+) -> None:
+    store = make_store(GRACE_MS, url=redis_url, key_prefix=prefix)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await store.start()
+        await asyncio.sleep(GRACE_MS / 1000)
+        keys = [LockKey("svc", f"shard-{n}") for n in range(3)]
+        for key in keys:
+            assert (await store.acquire(key, "alice", 30_000)).acquired
+        await admin.delete(f"{prefix}:state")
+        renewals = await store.keep_alive_many(keys, "alice", 30_000)
+        assert [renewal.renewed for renewal in renewals] == [False, False, False]
+    finally:
+        await admin.aclose()
+        await store.close()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -12,13 +13,14 @@ import acsylla
 import grpc
 import pytest
 from acsylla import errors as cass_errors
+from loguru import logger
 
 from quorum_quest._rpc import LeaderElectionStub, pb
 from quorum_quest.config.loader import validate
 from quorum_quest.errors import ConfigError, StoreUnavailable
 from quorum_quest.server import running_server
-from quorum_quest.stores import LockKey, store_class
-from quorum_quest.stores.scylladb import ScyllaSettings, ScyllaStore
+from quorum_quest.stores import Acquisition, LockKey, store_class
+from quorum_quest.stores.scylladb import STATE_MARKER, ScyllaSettings, ScyllaStore
 from tests.backends import free_port
 from tests.conftest import make_settings
 
@@ -26,10 +28,13 @@ pytestmark = pytest.mark.scylladb
 
 SHORT_MS = 150
 LONG_MS = 30_000
+GRACE_MS = 2000
+# For tests that never wait for the end of a grace period: no slow machine outlasts it.
+LONG_GRACE_MS = 60_000
 
 
-def make_store(**settings: Any) -> ScyllaStore:
-    return store_class("scylladb")(ScyllaSettings.model_validate(settings))
+def make_store(grace_ms: int = 0, **settings: Any) -> ScyllaStore:
+    return store_class("scylladb")(ScyllaSettings.model_validate(settings), grace_ms=grace_ms)
 
 
 @pytest.fixture
@@ -49,6 +54,10 @@ def fresh_key() -> LockKey:
 
 async def expire(ttl_ms: int = SHORT_MS) -> None:
     await asyncio.sleep(ttl_ms / 1000 + 0.12)  # the tests' clock_skew_margin is 0.05 s
+
+
+async def cql(store: ScyllaStore, query: str) -> None:
+    await store._execute("test", acsylla.create_statement(query))
 
 
 async def raw_row(store: ScyllaStore, key: LockKey) -> dict[str, Any] | None:
@@ -155,7 +164,7 @@ async def test_tokens_keep_rising_after_the_table_is_dropped(
     await store.start()
     key = fresh_key()
     before = (await store.acquire(key, "alice", LONG_MS)).token
-    await store._execute("test", acsylla.create_statement(f"DROP TABLE {store._table}"))
+    await cql(store, f"DROP TABLE {store._table}")
     await store.close()
     store = make_store(**scylladb_store_config)
     await store.start()
@@ -307,7 +316,7 @@ async def test_missing_table_without_create_schema_is_a_clear_error(
 
 
 class _TimingOutSession:
-    """A session whose every request times out as a Paxos round can."""
+    """A session whose every request times out, as a Paxos round can."""
 
     def __init__(self, error: Exception) -> None:
         self.error = error
@@ -317,6 +326,19 @@ class _TimingOutSession:
 
     async def close(self) -> None:
         return None
+
+
+class _TimingOutLwt:
+    """A conditional statement that times out each time it is run."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def bind(self, values: list[Any], consistency: acsylla.Consistency | None = None) -> None:
+        raise self.error
+
+
+_LWTS = {"create", "take", "refresh", "extend", "release", "release_token"}
 
 
 @pytest.mark.parametrize(
@@ -331,7 +353,11 @@ async def test_lwt_timeout_is_unavailable_with_an_unknown_outcome(
 ) -> None:
     store = make_store(**scylladb_store_config)
     await store.start()
-    real_session, store._session = store._session, _TimingOutSession(error)
+    prepared = store._statements
+    store._statements = {
+        name: _TimingOutLwt(error) if name in _LWTS else statement
+        for name, statement in prepared.items()
+    }
     try:
         for call in (
             store.acquire(fresh_key(), "alice", LONG_MS),
@@ -341,9 +367,19 @@ async def test_lwt_timeout_is_unavailable_with_an_unknown_outcome(
             with pytest.raises(StoreUnavailable, match="outcome is unknown") as caught:
                 await call
             assert caught.value.backend == "scylladb"
-        with pytest.raises(StoreUnavailable) as caught:
-            await store.get_leader(fresh_key())  # a read changes nothing: no unknown outcome
-        assert "unknown" not in str(caught.value)
+    finally:
+        store._statements = prepared
+    real_session, store._session = store._session, _TimingOutSession(error)
+    try:
+        for call in (
+            store.get_leader(fresh_key()),
+            store.acquire(fresh_key(), "alice", LONG_MS),
+            store.check_state(),
+        ):
+            # Each begins with a read, which changes nothing: no unknown outcome, no grace.
+            with pytest.raises(StoreUnavailable) as caught:
+                await call
+            assert "unknown" not in str(caught.value)
     finally:
         store._session = real_session
         await store.close()
@@ -356,3 +392,171 @@ async def test_acquire_after_an_unknown_outcome_tells_the_truth(pair) -> None:
     granted = await first.acquire(key, "alice", LONG_MS)  # pretend its answer was lost
     again = await second.acquire(key, "alice", LONG_MS)
     assert again.acquired and again.refreshed and again.token == granted.token
+
+
+# -- state loss and the grace period ---------------------------------------------------
+
+
+@contextmanager
+def losses_logged() -> Iterator[list[str]]:
+    """The WARNINGs about a loss of lock state logged meanwhile."""
+    messages: list[str] = []
+    sink = logger.add(
+        lambda message: messages.append(message.record["message"]),
+        level="WARNING",
+        filter=lambda record: "lock state lost" in record["message"],
+    )
+    try:
+        yield messages
+    finally:
+        logger.remove(sink)
+
+
+def in_grace(answer: Acquisition, grace_ms: int = GRACE_MS) -> bool:
+    return answer == Acquisition(False, "", 0, answer.ttl_ms, grace=True) and (
+        0 < answer.ttl_ms <= grace_ms
+    )
+
+
+async def test_a_new_table_refuses_grants_for_the_grace_period_then_tokens_go_on_rising(
+    scylladb_store_config: dict[str, Any],
+) -> None:
+    key = fresh_key()
+    store = make_store(**scylladb_store_config)
+    await store.start()
+    before = (await store.acquire(key, "alice", LONG_MS)).token
+    await cql(store, f"DROP TABLE {store._table}")
+    await store.close()
+    store = make_store(grace_ms=GRACE_MS, **scylladb_store_config)
+    with losses_logged() as losses:
+        await store.start()  # creates the table again, and finds no state marker in it
+    try:
+        assert len(losses) == 1
+        assert losses[0].startswith("scylladb: lock state lost")
+        assert f"refusing grants, refreshes and keep-alives for {GRACE_MS} ms" in losses[0]
+        marker = await raw_row(store, STATE_MARKER)
+        assert marker is not None and marker["expires_at"] - marker["fencing_token"] == GRACE_MS
+        refused = await store.acquire(key, "bob", LONG_MS)
+        assert in_grace(refused), refused
+        assert await store.get_leader(key) is None
+        await asyncio.sleep(refused.ttl_ms / 1000)
+        granted = await store.acquire(key, "bob", LONG_MS)
+        assert granted.acquired and granted.token > before
+    finally:
+        await store.close()
+
+
+async def test_a_truncated_table_refuses_the_old_holder_and_everyone_until_the_grace_ends(
+    pair: tuple[ScyllaStore, ScyllaStore],
+) -> None:
+    first, second = pair
+    for store in pair:
+        store.grace_ms = GRACE_MS  # as a reload would set it: for the next detection
+    key = fresh_key()
+    alice = await first.acquire(key, "alice", LONG_MS)
+    await cql(first, f"TRUNCATE {first._table}")
+    with losses_logged() as losses:
+        assert not (await first.keep_alive(key, "alice", LONG_MS)).renewed  # its row is gone
+        assert in_grace(await second.acquire(key, "bob", LONG_MS))  # the first grant detects
+        # The other instance learns it from the marker on its own first-grant path.
+        assert in_grace(await first.acquire(key, "carol", LONG_MS))
+        assert in_grace(await first.acquire(key, "alice", LONG_MS))
+        assert not (await first.keep_alive(key, "alice", LONG_MS)).renewed
+        assert 0 < await first.check_state() <= GRACE_MS
+    assert len(losses) == 1
+    await asyncio.sleep(await second.check_state() / 1000)
+    granted = await first.acquire(key, "bob", LONG_MS)
+    assert granted.acquired and granted.token > alice.token
+
+
+async def test_in_the_grace_period_every_grant_and_renewal_is_refused_release_works(
+    pair: tuple[ScyllaStore, ScyllaStore],
+) -> None:
+    first, second = pair
+    held, expired, new = fresh_key(), fresh_key(), fresh_key()
+    alice = await first.acquire(held, "alice", LONG_MS)
+    await first.acquire(expired, "dave", SHORT_MS)
+    await expire()
+    # Only the marker is lost (as when its replicas lost it): the next check finds out.
+    await cql(
+        first,
+        f"DELETE FROM {first._table} WHERE service = '' AND domain = '{STATE_MARKER.domain}' "
+        "IF EXISTS",
+    )
+    second.grace_ms = LONG_GRACE_MS
+    with losses_logged() as losses:
+        assert 0 < await second.check_state() <= LONG_GRACE_MS
+    assert len(losses) == 1
+    assert 0 < await first.check_state() <= LONG_GRACE_MS  # recorded in the table: both agree
+    for store in pair:
+        refresh = await store.acquire(held, "alice", LONG_MS)
+        takeover = await store.acquire(expired, "erin", LONG_MS)
+        first_grant = await store.acquire(new, "erin", LONG_MS)
+        for answer in (refresh, takeover, first_grant):
+            assert in_grace(answer, LONG_GRACE_MS), answer
+        assert not (await store.keep_alive(held, "alice", LONG_MS)).renewed
+        assert [r.renewed for r in await store.keep_alive_many([held], "alice", LONG_MS)] == [False]
+    leader = await second.get_leader(held)
+    assert leader is not None and (leader.client_id, leader.token) == ("alice", alice.token)
+    assert await second.release(held, "alice", alice.token)
+    assert await second.get_leader(held) is None
+
+
+async def test_without_a_grace_period_a_loss_is_logged_and_nothing_refused(
+    scylladb_store_config: dict[str, Any],
+) -> None:
+    store = make_store(**scylladb_store_config)
+    with losses_logged() as losses:
+        await store.start()
+    try:
+        assert len(losses) == 1 and "the grace period is off" in losses[0]
+        assert await store.check_state() == 0
+        key = fresh_key()
+        alice = await store.acquire(key, "alice", LONG_MS)
+        assert alice.acquired
+        await cql(store, f"TRUNCATE {store._table}")
+        with losses_logged() as losses:
+            bob = await store.acquire(key, "bob", LONG_MS)
+        assert len(losses) == 1
+        assert bob.acquired and bob.token > alice.token
+    finally:
+        await store.close()
+
+
+async def test_check_state_answers_what_is_left_of_the_grace_period(
+    scylladb_store_config: dict[str, Any],
+) -> None:
+    store = make_store(grace_ms=GRACE_MS, **scylladb_store_config)
+    with losses_logged() as losses:
+        await store.start()
+        try:
+            left = await store.check_state()
+            assert 0 < left <= GRACE_MS
+            await asyncio.sleep(0.5)
+            later = await store.check_state()
+            assert later <= left - 450
+            refused = await store.acquire(fresh_key(), "alice", LONG_MS)
+            assert in_grace(refused) and refused.ttl_ms <= later
+            await asyncio.sleep(later / 1000)
+            assert await store.check_state() == 0
+            assert (await store.acquire(fresh_key(), "alice", LONG_MS)).acquired
+        finally:
+            await store.close()
+    assert len(losses) == 1  # found once; the checks after it read the marker
+
+
+async def test_a_second_instance_sees_the_grace_period_the_first_recorded(
+    scylladb_store_config: dict[str, Any],
+) -> None:
+    first = make_store(grace_ms=LONG_GRACE_MS, **scylladb_store_config)
+    second = make_store(grace_ms=0, **scylladb_store_config)
+    with losses_logged() as losses:
+        await first.start()
+        await second.start()
+    try:
+        assert len(losses) == 1  # only the instance whose marker was written
+        assert 0 < await second.check_state() <= LONG_GRACE_MS
+        assert in_grace(await second.acquire(fresh_key(), "bob", LONG_MS), LONG_GRACE_MS)
+    finally:
+        await first.close()
+        await second.close()

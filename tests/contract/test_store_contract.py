@@ -7,7 +7,8 @@ import uuid
 
 import pytest
 
-from quorum_quest.stores import LockKey, LockStore
+from quorum_quest.stores import LockKey, LockStore, store_class
+from tests.conftest import make_settings
 
 SHORT_MS = 300
 LONG_MS = 30_000
@@ -191,3 +192,59 @@ async def test_get_leader_reports_holder_token_and_remaining(store: LockStore) -
 
 async def test_ping_answers(store: LockStore) -> None:
     await store.ping()
+
+
+# -- state loss ----------------------------------------------------------------------
+# Each variant's `store_config` is fresh state (a new key prefix, table, or process),
+# which a store cannot tell from lost state: it must start a grace period.
+
+GRACE_MS = 1_200
+
+
+async def started_store(backend: str, store_config: dict, grace_ms: int) -> LockStore:
+    settings = make_settings(backend, store_config).store_settings()
+    store = store_class(backend)(settings, grace_ms=grace_ms)
+    await store.start()
+    return store
+
+
+async def test_fresh_state_refuses_every_grant_for_the_grace_period(
+    backend: str, store_config: dict
+) -> None:
+    store = await started_store(backend, store_config, GRACE_MS)
+    try:
+        left = await store.check_state()
+        assert 0 < left <= GRACE_MS
+        key = fresh_key()
+        refused = await store.acquire(key, "alice", LONG_MS)
+        assert refused.grace and not refused.acquired
+        assert (refused.holder, refused.token) == ("", 0)
+        assert 0 < refused.ttl_ms <= GRACE_MS
+        assert not (await store.keep_alive(key, "alice", LONG_MS)).renewed
+        await asyncio.sleep(refused.ttl_ms / 1000 + 0.1)
+        assert await store.check_state() == 0
+        granted = await store.acquire(key, "alice", LONG_MS)
+        assert granted.acquired and not granted.grace
+    finally:
+        await store.close()
+
+
+async def test_grace_period_off_grants_at_once(backend: str, store_config: dict) -> None:
+    store = await started_store(backend, store_config, 0)
+    try:
+        assert await store.check_state() == 0
+        assert (await store.acquire(fresh_key(), "alice", LONG_MS)).acquired
+    finally:
+        await store.close()
+
+
+async def test_a_grace_period_is_not_started_again_by_the_next_check(
+    backend: str, store_config: dict
+) -> None:
+    store = await started_store(backend, store_config, 400)
+    try:
+        await asyncio.sleep(0.5)
+        assert await store.check_state() == 0
+        assert (await store.acquire(fresh_key(), "alice", LONG_MS)).acquired
+    finally:
+        await store.close()

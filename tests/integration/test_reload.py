@@ -20,7 +20,7 @@ from tests.backends import free_port
 
 BASE = """\
 serverAddress: "127.0.0.1:0"
-server: {{healthInterval: 0.2, shutdownGrace: 1}}
+server: {{healthInterval: 0.2, shutdownGrace: 1, stateLossGrace: 0}}
 logger: {{level: {level}}}
 {extra}
 """
@@ -65,10 +65,14 @@ async def test_in_place_write_applies_the_new_default_ttl(tmp_path: Path) -> Non
 
 async def test_atomic_rename_over_the_file_is_seen(tmp_path: Path) -> None:
     file = tmp_path / "config.yaml"
-    file.write_text(config_text(extra="server: {maxTtl: 3600, healthInterval: 0.2}"))
+    file.write_text(
+        config_text(extra="server: {maxTtl: 3600, healthInterval: 0.2, stateLossGrace: 0}")
+    )
     async with running_server(load_settings(file, {}), file) as server:
         await asyncio.sleep(0.3)
-        write_atomically(file, config_text(extra="server: {maxTtl: 60, healthInterval: 0.2}"))
+        write_atomically(
+            file, config_text(extra="server: {maxTtl: 60, healthInterval: 0.2, stateLossGrace: 0}")
+        )
         await wait_until(lambda: server.runtime.current.policy.max_ttl_ms == 60_000)
 
 
@@ -112,13 +116,18 @@ async def test_environment_overrides_keep_winning_after_a_reload(
     monkeypatch.setenv("QUORUMQUEST_STORE_TTL", "20")
     file = tmp_path / "config.yaml"
     file.write_text(
-        config_text(extra="store: {ttl: 15}\nserver: {maxTtl: 3600, healthInterval: 0.2}")
+        config_text(
+            extra="store: {ttl: 15}\nserver: {maxTtl: 3600, healthInterval: 0.2, stateLossGrace: 0}"
+        )
     )
     async with running_server(load_settings(file), file) as server:
         assert server.runtime.current.policy.default_ttl_ms == 20_000
         await asyncio.sleep(0.3)
         file.write_text(
-            config_text(extra="store: {ttl: 3}\nserver: {maxTtl: 100, healthInterval: 0.2}")
+            config_text(
+                extra="store: {ttl: 3}\n"
+                "server: {maxTtl: 100, healthInterval: 0.2, stateLossGrace: 0}"
+            )
         )
         await wait_until(lambda: server.runtime.current.policy.max_ttl_ms == 100_000)
         assert server.runtime.current.policy.default_ttl_ms == 20_000

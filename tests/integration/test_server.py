@@ -255,3 +255,86 @@ async def test_release_with_a_stale_token_is_refused(stub: LeaderElectionStub) -
         pb.ReleaseLockRequest(fencing_token=granted.fencing_token, **lock)
     )
     assert current.released
+
+
+async def test_a_store_restart_starts_a_grace_period_seen_in_every_answer() -> None:
+    """Redis restarted without its data: no grant, no holder, until the grace period ends."""
+    with RedisProcess() as redis_process:
+        settings = make_settings(
+            "redis",
+            {"url": redis_process.url, "timeout": 0.5},
+            server={"stateLossGrace": 1.5, "healthInterval": 0.1},
+        )
+        async with running_server(settings) as server:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+                stub = LeaderElectionStub(chan)
+                await asyncio.sleep(1.6)  # the new Redis's own grace period
+                request = acquire_request()
+                assert (await stub.try_acquire_lock(request)).is_leader
+                redis_process.stop()
+                redis_process.start()
+                status = await _wait_for_grace(stub)
+                assert timedelta(0) < status.grace_remaining <= timedelta(seconds=1.5)
+                refused = await stub.try_acquire_lock(acquire_request("bob", domain=request.domain))
+                assert not refused.is_leader and refused.leader_id == ""
+                assert timedelta(0) < refused.lease_length <= timedelta(seconds=1.5)
+                leader = await stub.get_leader(
+                    pb.GetLeaderRequest(service=request.service, domain=request.domain)
+                )
+                assert not leader.has_leader and leader.grace_remaining > timedelta(0)
+                await asyncio.sleep(refused.lease_length.total_seconds() + 0.1)
+                granted = await stub.try_acquire_lock(acquire_request("bob", domain=request.domain))
+                assert granted.is_leader
+                counts = server.runtime.current.telemetry.operation_counts()
+                assert counts[("acquire", "grace_period", "redis")] >= 1
+
+
+async def _wait_for_grace(stub: LeaderElectionStub) -> pb.GetStatusResponse:
+    for _ in range(50):
+        status = await stub.get_status(pb.GetStatusRequest())
+        if status.grace_remaining > timedelta(0):
+            return status
+        await asyncio.sleep(0.05)
+    raise AssertionError("the grace period never showed in GetStatus")
+
+
+async def test_a_waiting_acquire_gets_the_lock_when_it_is_released(
+    stub: LeaderElectionStub,
+) -> None:
+    holder = acquire_request("alice", ttl_ms=30_000)
+    assert (await stub.try_acquire_lock(holder)).is_leader
+    waiter = asyncio.ensure_future(
+        stub.try_acquire_lock(acquire_request("bob", domain=holder.domain, wait_ms=20_000))
+    )
+    await asyncio.sleep(0.3)
+    assert not waiter.done()
+    release = pb.ReleaseLockRequest(service="svc", domain=holder.domain, client_id="alice")
+    assert (await stub.release_lock(release)).released
+    answer = await asyncio.wait_for(waiter, 10)
+    assert answer.is_leader and answer.leader_id == "bob"
+    # The lease began after the wait: the client adds `waited` to its send time.
+    assert answer.waited > timedelta(0)
+
+
+async def test_a_waiting_acquire_takes_over_when_the_holders_lease_ends(
+    stub: LeaderElectionStub,
+) -> None:
+    holder = acquire_request("alice", ttl_ms=400)
+    first = await stub.try_acquire_lock(holder)
+    answer = await stub.try_acquire_lock(
+        acquire_request("bob", domain=holder.domain, wait_ms=20_000), timeout=10
+    )
+    assert answer.is_leader and answer.fencing_token > first.fencing_token
+    assert answer.waited > timedelta(0)
+
+
+async def test_a_wait_ends_before_the_callers_deadline_with_the_usual_answer(
+    stub: LeaderElectionStub,
+) -> None:
+    holder = acquire_request("alice", ttl_ms=30_000)
+    assert (await stub.try_acquire_lock(holder)).is_leader
+    answer = await stub.try_acquire_lock(
+        acquire_request("bob", domain=holder.domain, wait_ms=60_000), timeout=0.5
+    )
+    assert not answer.is_leader and answer.leader_id == "alice"
+    assert answer.waited > timedelta(0)

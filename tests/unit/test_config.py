@@ -212,3 +212,15 @@ def test_workers_auto_means_one_per_core(tmp_path: Path) -> None:
 
     settings = load("backend: {type: redis}\nserver: {workers: auto}\n", tmp_path)
     assert settings.server.workers == (os.cpu_count() or 1)
+
+
+def test_the_state_loss_grace_period_defaults_to_the_longest_lease(tmp_path: Path) -> None:
+    assert load("server: {maxTtl: 20}\n", tmp_path).server.state_loss_grace == 20
+    assert load("server: {stateLossGrace: auto}\n", tmp_path).server.state_loss_grace == 60
+    settings = load("", tmp_path, {"QUORUMQUEST_SERVER_STATELOSSGRACE": "0"})
+    assert settings.server.state_loss_grace == 0
+
+
+def test_a_negative_grace_period_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"server\.stateLossGrace"):
+        load("server: {stateLossGrace: -1}\n", tmp_path)

@@ -70,6 +70,14 @@ class GetLeaderResponse(betterproto2.Message):
         4, betterproto2.TYPE_MESSAGE, unwrap=lambda: ____google__protobuf__.Duration, optional=True
     )
 
+    grace_remaining: "datetime.timedelta | None" = betterproto2.field(
+        5, betterproto2.TYPE_MESSAGE, unwrap=lambda: ____google__protobuf__.Duration, optional=True
+    )
+    """
+    > 0 while the store refuses every grant because its lock state was lost
+    (has_leader is then false: no holder can be trusted until it ends).
+    """
+
 
 default_message_pool.register_message("quorum.quest.api.v1", "GetLeaderResponse", GetLeaderResponse)
 
@@ -122,6 +130,13 @@ class GetStatusResponse(betterproto2.Message):
     store_reachable: "bool" = betterproto2.field(6, betterproto2.TYPE_BOOL)
     """
     Whether the store answered its last health probe.
+    """
+
+    grace_remaining: "datetime.timedelta | None" = betterproto2.field(
+        7, betterproto2.TYPE_MESSAGE, unwrap=lambda: ____google__protobuf__.Duration, optional=True
+    )
+    """
+    What is left of the store's state-loss grace period, as last seen (0: none).
     """
 
 
@@ -326,6 +341,14 @@ class TryAcquireLockRequest(betterproto2.Message):
     Lease length in milliseconds; when > 0 it overrides `ttl`.
     """
 
+    wait_ms: "int" = betterproto2.field(6, betterproto2.TYPE_UINT32)
+    """
+    When > 0 and another client holds the lock: wait up to this many ms (and
+    never past the call's deadline) for the lock to be released through this
+    service instance or for the holder's lease to end, then try once more.
+    The answer is the usual one; 0 answers at once.
+    """
+
 
 default_message_pool.register_message(
     "quorum.quest.api.v1", "TryAcquireLockRequest", TryAcquireLockRequest
@@ -354,12 +377,21 @@ class TryAcquireLockResponse(betterproto2.Message):
     )
     """
     The caller's lease when is_leader; otherwise what is left of the holder's
-    lease (a hint for when to try again).
+    lease (a hint for when to try again). During the store's state-loss grace
+    period (no grants at all, leader_id empty) it is what is left of that period.
     """
 
     leader_id: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
     """
     The current holder when is_leader is false; empty if unknown.
+    """
+
+    waited: "datetime.timedelta | None" = betterproto2.field(
+        5, betterproto2.TYPE_MESSAGE, unwrap=lambda: ____google__protobuf__.Duration, optional=True
+    )
+    """
+    How long the service waited (wait_ms) before the attempt that answered: the
+    lease began at least this long after the request was sent.
     """
 
 
@@ -454,5 +486,5 @@ class LeaderElectionServiceStub:
 from .....google import protobuf as ____google__protobuf__
 
 QUORUM_QUEST_API_V1_QUORUM_QUEST_API_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n*quorum/quest/api/v1/quorum_quest_api.proto\x12\x13quorum.quest.api.v1\x1a\x1egoogle/protobuf/duration.proto"\x8f\x01\n\x15TryAcquireLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs"\xb5\x01\n\x16TryAcquireLockResponse\x12\x1b\n\tis_leader\x18\x01 \x01(\x08R\x08isLeader\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken\x12<\n\x0clease_length\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12\x1b\n\tleader_id\x18\x04 \x01(\tR\x08leaderId"\x88\x01\n\x12ReleaseLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x04 \x01(\x04R\x0cfencingToken"1\n\x13ReleaseLockResponse\x12\x1a\n\x08released\x18\x01 \x01(\x08R\x08released"\x8a\x01\n\x10KeepAliveRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs"v\n\x11KeepAliveResponse\x12<\n\x0clease_length\x18\x01 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken"D\n\x10GetLeaderRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain"\xad\x01\n\x11GetLeaderResponse\x12\x1d\n\nhas_leader\x18\x01 \x01(\x08R\thasLeader\x12\x1b\n\tclient_id\x18\x02 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x03 \x01(\x04R\x0cfencingToken\x127\n\tremaining\x18\x04 \x01(\x0b2\x19.google.protobuf.DurationR\tremaining"\x12\n\x10GetStatusRequest"\xe5\x01\n\x11GetStatusResponse\x12\x18\n\x07version\x18\x01 \x01(\tR\x07version\x12\x18\n\x07backend\x18\x02 \x01(\tR\x07backend\x121\n\x06uptime\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x06uptime\x12\x1f\n\x0bheld_leases\x18\x04 \x01(\x04R\nheldLeases\x12\x1f\n\x0blast_reload\x18\x05 \x01(\tR\nlastReload\x12\'\n\x0fstore_reachable\x18\x06 \x01(\x08R\x0estoreReachable";\n\x07LockRef\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain"\x90\x01\n\x14KeepAliveManyRequest\x12\x1b\n\tclient_id\x18\x01 \x01(\tR\x08clientId\x122\n\x05locks\x18\x02 \x03(\x0b2\x1c.quorum.quest.api.v1.LockRefR\x05locks\x12\x10\n\x03ttl\x18\x03 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x04 \x01(\rR\x05ttlMs"|\n\x15KeepAliveManyResponse\x12<\n\x0clease_length\x18\x01 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12%\n\x0efencing_tokens\x18\x02 \x03(\x04R\rfencingTokens2\xe0\x04\n\x15LeaderElectionService\x12i\n\x0eTryAcquireLock\x12*.quorum.quest.api.v1.TryAcquireLockRequest\x1a+.quorum.quest.api.v1.TryAcquireLockResponse\x12`\n\x0bReleaseLock\x12\'.quorum.quest.api.v1.ReleaseLockRequest\x1a(.quorum.quest.api.v1.ReleaseLockResponse\x12Z\n\tKeepAlive\x12%.quorum.quest.api.v1.KeepAliveRequest\x1a&.quorum.quest.api.v1.KeepAliveResponse\x12Z\n\tGetLeader\x12%.quorum.quest.api.v1.GetLeaderRequest\x1a&.quorum.quest.api.v1.GetLeaderResponse\x12Z\n\tGetStatus\x12%.quorum.quest.api.v1.GetStatusRequest\x1a&.quorum.quest.api.v1.GetStatusResponse\x12f\n\rKeepAliveMany\x12).quorum.quest.api.v1.KeepAliveManyRequest\x1a*.quorum.quest.api.v1.KeepAliveManyResponseB3Z1github.com/avivl/quorum-quest/api/gen/go/v1;apiv1b\x06proto3'
+    b'\n*quorum/quest/api/v1/quorum_quest_api.proto\x12\x13quorum.quest.api.v1\x1a\x1egoogle/protobuf/duration.proto"\xa8\x01\n\x15TryAcquireLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs\x12\x17\n\x07wait_ms\x18\x06 \x01(\rR\x06waitMs"\xe8\x01\n\x16TryAcquireLockResponse\x12\x1b\n\tis_leader\x18\x01 \x01(\x08R\x08isLeader\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken\x12<\n\x0clease_length\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12\x1b\n\tleader_id\x18\x04 \x01(\tR\x08leaderId\x121\n\x06waited\x18\x05 \x01(\x0b2\x19.google.protobuf.DurationR\x06waited"\x88\x01\n\x12ReleaseLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x04 \x01(\x04R\x0cfencingToken"1\n\x13ReleaseLockResponse\x12\x1a\n\x08released\x18\x01 \x01(\x08R\x08released"\x8a\x01\n\x10KeepAliveRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs"v\n\x11KeepAliveResponse\x12<\n\x0clease_length\x18\x01 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken"D\n\x10GetLeaderRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain"\xf1\x01\n\x11GetLeaderResponse\x12\x1d\n\nhas_leader\x18\x01 \x01(\x08R\thasLeader\x12\x1b\n\tclient_id\x18\x02 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x03 \x01(\x04R\x0cfencingToken\x127\n\tremaining\x18\x04 \x01(\x0b2\x19.google.protobuf.DurationR\tremaining\x12B\n\x0fgrace_remaining\x18\x05 \x01(\x0b2\x19.google.protobuf.DurationR\x0egraceRemaining"\x12\n\x10GetStatusRequest"\xa9\x02\n\x11GetStatusResponse\x12\x18\n\x07version\x18\x01 \x01(\tR\x07version\x12\x18\n\x07backend\x18\x02 \x01(\tR\x07backend\x121\n\x06uptime\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x06uptime\x12\x1f\n\x0bheld_leases\x18\x04 \x01(\x04R\nheldLeases\x12\x1f\n\x0blast_reload\x18\x05 \x01(\tR\nlastReload\x12\'\n\x0fstore_reachable\x18\x06 \x01(\x08R\x0estoreReachable\x12B\n\x0fgrace_remaining\x18\x07 \x01(\x0b2\x19.google.protobuf.DurationR\x0egraceRemaining";\n\x07LockRef\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain"\x90\x01\n\x14KeepAliveManyRequest\x12\x1b\n\tclient_id\x18\x01 \x01(\tR\x08clientId\x122\n\x05locks\x18\x02 \x03(\x0b2\x1c.quorum.quest.api.v1.LockRefR\x05locks\x12\x10\n\x03ttl\x18\x03 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x04 \x01(\rR\x05ttlMs"|\n\x15KeepAliveManyResponse\x12<\n\x0clease_length\x18\x01 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12%\n\x0efencing_tokens\x18\x02 \x03(\x04R\rfencingTokens2\xe0\x04\n\x15LeaderElectionService\x12i\n\x0eTryAcquireLock\x12*.quorum.quest.api.v1.TryAcquireLockRequest\x1a+.quorum.quest.api.v1.TryAcquireLockResponse\x12`\n\x0bReleaseLock\x12\'.quorum.quest.api.v1.ReleaseLockRequest\x1a(.quorum.quest.api.v1.ReleaseLockResponse\x12Z\n\tKeepAlive\x12%.quorum.quest.api.v1.KeepAliveRequest\x1a&.quorum.quest.api.v1.KeepAliveResponse\x12Z\n\tGetLeader\x12%.quorum.quest.api.v1.GetLeaderRequest\x1a&.quorum.quest.api.v1.GetLeaderResponse\x12Z\n\tGetStatus\x12%.quorum.quest.api.v1.GetStatusRequest\x1a&.quorum.quest.api.v1.GetStatusResponse\x12f\n\rKeepAliveMany\x12).quorum.quest.api.v1.KeepAliveManyRequest\x1a*.quorum.quest.api.v1.KeepAliveManyResponseB3Z1github.com/avivl/quorum-quest/api/gen/go/v1;apiv1b\x06proto3'
 )

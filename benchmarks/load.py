@@ -13,7 +13,7 @@ import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,18 +171,38 @@ async def run_cell(
     target: Target, scenario: str, clients: int, settings: LoadSettings
 ) -> dict[str, Any]:
     """One (target, scenario, clients) measurement, summarised."""
+    return summarize(
+        target.name, scenario, clients, await measure(target, scenario, clients, settings)
+    )
+
+
+async def measure(
+    target: Target,
+    scenario: str,
+    clients: int,
+    settings: LoadSettings,
+    window_start: Callable[[], Awaitable[float]] | None = None,
+) -> Tally:
+    """Connect `clients` clients, then run them through the warm-up and the window.
+
+    `window_start`, awaited once the clients are connected, gives the window's start
+    (`time.perf_counter()`); the clients run from then on. Default: now + the warm-up.
+    """
     cell_id = f"{target.name}-{scenario}-{clients}-{uuid.uuid4().hex[:8]}"
     keys = lock_keys(scenario, clients, cell_id)
     tally = Tally(Window(0.0, 0.0))
     sessions = await open_sessions(target, clients, tally)
     try:
-        start = time.perf_counter() + settings.warmup
+        if window_start is None:
+            start = time.perf_counter() + settings.warmup
+        else:
+            start = await window_start()
         tally.window = Window(start, start + settings.duration)
-        guard = settings.warmup + settings.duration + 3 * settings.timeout + 5
+        guard = start - time.perf_counter() + settings.duration + 3 * settings.timeout + 5
         await drive(sessions, keys, cell_id, tally, guard)
     finally:
         await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
-    return summarize(target.name, scenario, clients, tally)
+    return tally
 
 
 def summarize(target: str, scenario: str, clients: int, tally: Tally) -> dict[str, Any]:

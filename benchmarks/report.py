@@ -125,6 +125,44 @@ def failover_chart(
     return draw
 
 
+def workers_chart(
+    rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], cpus: int
+) -> Callable[[Figure], None]:
+    """Per worker count: every run's calls/s and the median; the median cores kept busy."""
+
+    def draw(figure: Figure) -> None:
+        calls, busy = figure.subplots(1, 2)
+        places = range(len(summary))
+        labels = [f"{s['workers']} worker{'s' if s['workers'] > 1 else ''}" for s in summary]
+        for place, s in zip(places, summary, strict=True):
+            rates = [r["calls_per_s"] for r in rows if r["workers"] == s["workers"]]
+            run, median = ("run", "median") if place == 0 else (None, None)  # one legend entry
+            calls.plot([place] * len(rates), rates, "o", color="C0", label=run)
+            width = (place - 0.25, place + 0.25)
+            calls.hlines(s["calls_per_s"]["median"], *width, color="C1", label=median)
+        calls.set_xticks(places, labels)
+        calls.set_xlim(-0.5, len(summary) - 0.5)
+        calls.set_ylim(bottom=0)
+        calls.set_title("calls/s, all load processes")
+        calls.grid(axis="y", alpha=0.3)
+        calls.legend(fontsize="small", loc="lower center")
+        stacked = [0.0] * len(summary)
+        for role in ("service", "load", "redis"):
+            values = [s["cores"][role] or 0.0 for s in summary]
+            busy.bar(places, values, 0.6, bottom=stacked, label=role)
+            stacked = [b + v for b, v in zip(stacked, values, strict=True)]
+        machine = [s["cores"]["machine"] or 0.0 for s in summary]
+        rest = [max(0.0, m - b) for m, b in zip(machine, stacked, strict=True)]
+        busy.bar(places, rest, 0.6, bottom=stacked, color="0.75", label="rest of the machine")
+        busy.axhline(cpus, color="C3", linestyle="--", label=f"{cpus} cores")
+        busy.set_xticks(places, labels)
+        busy.set_title("cores busy in the window (medians)")
+        busy.grid(axis="y", alpha=0.3)
+        busy.legend(fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
+
+    return draw
+
+
 # -- medians over runs -------------------------------------------------------------------
 
 

@@ -5,6 +5,8 @@ uv run python -m benchmarks.run [--targets echo,memory,redis,redis-direct]
     [--warmup 0.5] [--timeout 2] [--redis-url redis://127.0.0.1:6379/0]
     [--trace-sample-ratio 0.1] [--results-dir benchmarks/results]
 uv run python -m benchmarks.run --mode failover [--ttl 3] [--rounds 5] [--waiters 3]
+uv run python -m benchmarks.run --mode workers [--workers 1,2] [--load-processes 2]
+    [--clients 50] [--duration 5] [--rounds 3]
 
 More targets: redis-sdk (the redis service through the SDK's client objects);
 memory+obs and redis+obs (observability fully on), e.g.
@@ -39,8 +41,9 @@ from benchmarks.failover import (
     summarize,
 )
 from benchmarks.load import SCENARIOS, LoadSettings, run_cell
-from benchmarks.report import ceiling_rows, cycles_chart, failover_chart, save
+from benchmarks.report import ceiling_rows, cycles_chart, failover_chart, save, workers_chart
 from benchmarks.targets import DEFAULT_TARGETS, OBSERVED, TARGETS, WHERE, open_target
+from benchmarks.workers import WorkersSettings, run_workers, summarize_rows, workers_tables
 from quorum_quest.config.settings import LoggerSettings, ObservabilitySettings
 from quorum_quest.telemetry.logging import configure_logging
 from tests.backends.cassandra import CASSANDRA_VERSION
@@ -58,6 +61,12 @@ SETTINGS = (
     "timeout",
     "trace_sample_ratio",
 )
+# Defaults that differ between the modes: --clients, --duration, --rounds.
+DEFAULTS = {
+    "cycles": {"clients": [1, 10, 50], "duration": 3.0, "rounds": 5},
+    "failover": {"clients": [1, 10, 50], "duration": 3.0, "rounds": 5},
+    "workers": {"clients": [50], "duration": 5.0, "rounds": 3},
+}
 
 
 # -- command line -------------------------------------------------------------------
@@ -118,10 +127,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--mode",
-        choices=("cycles", "failover"),
+        choices=tuple(DEFAULTS),
         default="cycles",
         help="cycles: the matrix of targets (default); failover: how long a lock stays "
-        "unheld after its leader dies or exits",
+        "unheld after its leader dies or exits; workers: the redis service with 1, 2, ... "
+        "worker processes under several load processes",
     )
     parser.add_argument(
         "--results-dir",
@@ -136,8 +146,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"from {','.join(TARGETS)}; default {','.join(DEFAULT_TARGETS)}",
     )
     parser.add_argument("--scenarios", type=names(SCENARIOS), default=list(SCENARIOS))
-    parser.add_argument("--clients", type=counts, default=[1, 10, 50])
-    parser.add_argument("--duration", type=positive, default=3.0, help="measured seconds per cell")
+    parser.add_argument(
+        "--clients",
+        type=counts,
+        default=None,
+        help="client counts; default 1,10,50 (workers: one count, in all, default 50)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=positive,
+        default=None,
+        help="measured seconds per cell; default 3 (workers: per run, default 5)",
+    )
     parser.add_argument("--warmup", type=float, default=0.5, help="seconds run before measuring")
     parser.add_argument("--timeout", type=positive, default=2.0, help="seconds per call")
     parser.add_argument(
@@ -154,14 +174,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     failover = parser.add_argument_group("--mode failover")
     failover.add_argument("--ttl", type=positive, default=3.0, help="lease of leader and waiters")
-    failover.add_argument("--rounds", type=int, default=5, help="rounds per case")
+    failover.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds per case; default 5 (workers: rounds of all worker counts, default 3)",
+    )
     failover.add_argument("--waiters", type=int, default=3, help="waiting clients per round")
     failover.add_argument(
         "--settle", type=float, default=None, help="seconds the waiters poll first; default ttl"
     )
+    workers = parser.add_argument_group("--mode workers")
+    workers.add_argument(
+        "--workers", type=counts, default=[1, 2], help="server.workers counts; default 1,2"
+    )
+    workers.add_argument(
+        "--load-processes", type=int, default=2, help="load-generating processes; default 2"
+    )
     args = parser.parse_args(argv)
+    for key, default in DEFAULTS[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
     if args.rounds < 1 or args.waiters < 1:
         parser.error("--rounds and --waiters must be at least 1")
+    if args.mode == "workers" and (
+        len(args.clients) != 1 or not 1 <= args.load_processes <= args.clients[0]
+    ):
+        parser.error("--mode workers takes one --clients count, at least --load-processes (≥ 1)")
     return args
 
 
@@ -456,12 +495,75 @@ def run_failover_mode(args: argparse.Namespace, started: datetime, command: str)
     return save(args.results_dir, stem(started, "failover"), document, markdown, chart)
 
 
+def run_workers_mode(args: argparse.Namespace, started: datetime, command: str) -> list[Path]:
+    settings = WorkersSettings(
+        workers=tuple(args.workers),
+        load_processes=args.load_processes,
+        clients=args.clients[0],
+        duration=args.duration,
+        warmup=args.warmup,
+        timeout=args.timeout,
+        rounds=args.rounds,
+    )
+    load_before = os.getloadavg()
+    with redis_for(args, True) as redis_url:
+        assert redis_url is not None
+        rows = asyncio.run(run_workers(settings, redis_url))
+        env = environment(redis_url, ["redis"])
+    load_after = os.getloadavg()
+    env["load_average"] = {"before": load_before, "after": load_after}
+    summary = summarize_rows(rows)
+    shares = "+".join(map(str, settings.shares()))
+    text = (
+        f"The service on the Redis store with server.workers = "
+        f"{', '.join(map(str, settings.workers))} (SO_REUSEPORT; worker counts alternate "
+        f"over {settings.rounds} rounds), driven by {settings.load_processes} load processes "
+        f"(python -m benchmarks.workers) with {settings.clients} clients in all ({shares}); "
+        "each client has its own channel (TCP connection) and lock and loops acquire -> "
+        "keep-alive -> release on the raw stub. "
+        f"{settings.duration:g} s measured per run after {settings.warmup:g} s warm-up, "
+        f"{settings.timeout:g} s per call; latencies pooled over all calls of all load "
+        "processes. CPU from /proc over the window: cores busy = CPU seconds ÷ window "
+        f"seconds, machine = every process on the machine's {env['cpus']} cores; CPU per "
+        "call = CPU seconds ÷ calls answered. Load average (1, 5, 15 min) before "
+        f"{loads(load_before)}, after {loads(load_after)}.\n\n" + workers_tables(rows, summary)
+    )
+    print("\n" + text)
+    document = {
+        "started": started.isoformat(),
+        "command": command,
+        "settings": {
+            "mode": args.mode,
+            "workers": list(settings.workers),
+            "load_processes": settings.load_processes,
+            "clients": settings.clients,
+            "clients_per_load_process": settings.shares(),
+            "duration": settings.duration,
+            "warmup": settings.warmup,
+            "timeout": settings.timeout,
+            "rounds": settings.rounds,
+        },
+        "environment": env,
+        "workers": {"summary": summary, "runs": rows},
+    }
+    markdown = f"# Workers {started:%Y-%m-%d %H:%M:%S} UTC\n\n`{command}`\n\n{text}"
+    chart = workers_chart(rows, summary, env["cpus"])
+    return save(args.results_dir, stem(started, "workers"), document, markdown, chart)
+
+
+def loads(values: Sequence[float]) -> str:
+    return ", ".join(f"{value:.2f}" for value in values)
+
+
+MODES = {"cycles": run_cycles, "failover": run_failover_mode, "workers": run_workers_mode}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(LoggerSettings(level="WARNING"))
     started = datetime.now(UTC)
     command = command_line(argv)
-    run = run_failover_mode if args.mode == "failover" else run_cycles
+    run = MODES[args.mode]
     paths = run(args, started, command)
     print(f"\nresults written to {', '.join(map(str, paths))}", file=sys.stderr)
     return 0

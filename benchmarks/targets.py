@@ -36,7 +36,13 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager, redirect_stdout
+from contextlib import (
+    AbstractAsyncContextManager,
+    ExitStack,
+    asynccontextmanager,
+    redirect_stdout,
+    suppress,
+)
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -157,10 +163,11 @@ class ServiceSession:
 
 
 class ServiceTarget:
-    def __init__(self, name: str, address: str, timeout: float) -> None:
+    def __init__(self, name: str, address: str, timeout: float, pid: int | None = None) -> None:
         self.name = name
         self.exported: dict[str, Any] = {}
         self.address = address
+        self.pid = pid  # the process started (with workers, their supervisor)
         self._timeout = timeout
 
     async def open_session(self) -> ServiceSession:
@@ -196,6 +203,64 @@ async def wait_serving(
     raise RuntimeError(f"the service on {address} was not SERVING in {start_timeout:g} s")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants that are still running (Linux `/proc`)."""
+    found = [pid]
+    for parent in found:
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                found += [int(child) for child in children.read_text().split()]
+            except OSError:
+                continue  # the thread ended
+    return found
+
+
+def tcp_sockets(port: int, state: str) -> set[int]:
+    """Inodes of the TCP sockets on local `port` in `state` ("0A" listen, "01" established)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue  # no IPv6
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets process `pid` has open."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with suppress(OSError):  # closed meanwhile
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+    except OSError:
+        pass  # the process ended
+    return inodes
+
+
+async def wait_listening(pid: int, port: int, workers: int, start_timeout: float) -> None:
+    """Until `workers` processes under `pid` listen on `port`.
+
+    The health check answers from whichever worker took its connection; connections made
+    before every worker listens would all go to the ones that do.
+    """
+    deadline = time.monotonic() + start_timeout
+    while time.monotonic() < deadline:
+        listening = tcp_sockets(port, "0A")
+        if sum(bool(socket_inodes(p) & listening) for p in process_tree(pid)) >= workers:
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(
+        f"{workers} workers did not all listen on port {port} in {start_timeout:g} s"
+    )
+
+
 async def stop_service(process: asyncio.subprocess.Process) -> None:
     """SIGTERM and wait for the exit; SIGKILL after `SERVICE_STOP_TIMEOUT_S`."""
     if process.returncode is not None:
@@ -216,14 +281,23 @@ async def service_target(
     timeout: float,
     observability: dict[str, Any] | None = None,
     start_timeout: float = SERVICE_START_TIMEOUT_S,
+    workers: int = 1,
 ) -> AsyncIterator[ServiceTarget]:
-    """The service with `backend` in its own process on 127.0.0.1 until the block exits."""
-    address = f"127.0.0.1:{free_port()}"
+    """The service with `backend` in its own process on 127.0.0.1 until the block exits.
+
+    With `workers` > 1 (`server.workers`) that process is the supervisor of the worker
+    processes, and the block starts once every worker listens.
+    """
+    port = free_port()
+    address = f"127.0.0.1:{port}"
     config = {
         "serverAddress": address,
         "backend": {"type": backend},
         "store": store,
         "logger": {"level": "WARNING"},
+        # Each run starts on a fresh store with no earlier holder to protect, so the
+        # state-loss grace period (which would refuse the first grants) is off.
+        "server": {"stateLossGrace": 0, "workers": workers},
     }
     if observability:
         config["observability"] = observability
@@ -243,7 +317,8 @@ async def service_target(
         )
         try:
             await wait_serving(process, address, start_timeout)
-            yield ServiceTarget(name, address, timeout)
+            await wait_listening(process.pid, port, workers, start_timeout)
+            yield ServiceTarget(name, address, timeout, process.pid)
         finally:
             await stop_service(process)
 

@@ -48,3 +48,18 @@ def test_failover(tmp_path: Path) -> None:
     assert [r["case"] for r in rounds] == ["kill", "graceful"]
     assert all(r["unheld_ms"] >= 0 for r in rounds)
     assert "graceful exit" in next(tmp_path.glob("*.md")).read_text(encoding="utf-8")
+
+
+@pytest.mark.redis
+def test_workers(tmp_path: Path) -> None:
+    document = run_harness(
+        tmp_path,
+        *("--mode", "workers", "--workers", "1,2", "--load-processes", "2", "--clients", "2"),
+        *("--duration", "1", "--warmup", "0.2", "--rounds", "1"),
+    )
+    runs = document["workers"]["runs"]
+    assert [r["workers"] for r in runs] == [1, 2]
+    assert all(r["errors"] == 0 and not r["lost"] and r["calls_per_s"] > 0 for r in runs)
+    assert [len(r["connections_per_worker"]) for r in runs] == [1, 2]
+    assert all(r["cpu_s"]["service"] > 0 and r["cpu_s"]["load"] > 0 for r in runs)
+    assert "÷ 1 worker" in next(tmp_path.glob("*.md")).read_text(encoding="utf-8")

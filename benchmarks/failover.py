@@ -41,8 +41,8 @@ CASES = ("kill", "graceful")
 SERVICE = "qq-bench-failover"
 RPC_TIMEOUT_S = 2.0
 LEADER_START_TIMEOUT_S = 30.0  # the leader process imports the SDK, connects, acquires
-GRACEFUL_TARGET_MS = 100.0  # issue 7: "< 100 ms with waiting clients notified or polling fast"
-EXPECTED = {"kill": "≤ ttl + renewal interval = {:.0f} ms", "graceful": "< {:.0f} ms (issue 7)"}
+GRACEFUL_TARGET_MS = 100.0  # the target for a hand-over after a release
+EXPECTED = {"kill": "≤ ttl + renewal interval = {:.0f} ms", "graceful": "< {:.0f} ms (target)"}
 CASE_NAMES = {"kill": "leader killed (SIGKILL)", "graceful": "graceful exit (release)"}
 
 
@@ -101,9 +101,9 @@ class TimedClient(QuorumQuestClient):
 
     granted_call: tuple[float, float] = (0.0, 0.0)
 
-    async def try_acquire_lock(self) -> bool:
+    async def _try_acquire(self, wait: float) -> bool:
         sent = time.monotonic()
-        granted = await super().try_acquire_lock()
+        granted = await super()._try_acquire(wait)
         if granted:
             self.granted_call = (sent, time.monotonic())
         return granted
@@ -164,7 +164,8 @@ async def one_round(
     """One leader going away; the unheld time, and where it went.
 
     `poll_wait_ms`: from the lock being free to the winning acquire being sent (the
-    waiters' polling); `acquire_call_ms`: that call's round trip.
+    waiters' polling; 0 when it was already waiting at the service); `acquire_call_ms`:
+    from that send, or from the lock being free if later, to its answer.
     """
     domain = f"{case}-{index}-{uuid.uuid4().hex[:8]}"
     leader = await start_leader(address, domain, settings.ttl)
@@ -193,8 +194,10 @@ async def one_round(
         "round": index,
         "unheld_ms": (winner.held_at - started) * 1000,
         **details,
-        "poll_wait_ms": (sent - free_at) * 1000,
-        "acquire_call_ms": (answered - sent) * 1000,
+        # A waiter whose acquire was already waiting at the service (wait_ms) did not
+        # poll: 0, and its call counts from the lock being free.
+        "poll_wait_ms": max(0.0, sent - free_at) * 1000,
+        "acquire_call_ms": (answered - max(sent, free_at)) * 1000,
         "waiter": winner.waiter,
         "token": winner.token,
     }

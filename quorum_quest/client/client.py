@@ -248,6 +248,18 @@ class QuorumQuestClient:
             del self._abandoned[service, domain]
             sent_at = time.monotonic()
             response = await self._acquire(service, domain)
+        granted = response.lease_length.total_seconds()
+        if response.is_leader and sent_at + granted - self.safety_margin <= time.monotonic():
+            # The answer came too late to act on (this process was paused, or the call
+            # was slow): give the lease back at once instead of blocking the lock unused.
+            logger.warning(
+                "grant of {}/{} arrived after its lease ended; releasing it", service, domain
+            )
+            try:
+                await self._release(service, domain, response.fencing_token)
+            except (ServiceUnavailable, InvalidArgument):
+                self._abandoned[service, domain] = response.fencing_token
+            response = pb.TryAcquireLockResponse(is_leader=False)
         return response, sent_at
 
     async def _acquire(

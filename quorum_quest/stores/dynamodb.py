@@ -18,7 +18,8 @@ The writes (each a single `UpdateItem`; a failed `ConditionExpression` is the no
                 OR expires_at <= :stale OR (holder = :client AND expires_at <= :now))
     first    the grant without `attribute_exists(token) AND`
     extend   SET expires_at = :expires
-             IF holder = :client AND expires_at > :now
+             IF holder = :client AND expires_at > :now AND expires_at < :expires
+             (refused, but the caller's lease already ends at :expires or later: renewed)
     release  REMOVE holder, expires_at
              IF holder = :client AND expires_at > :now
 
@@ -125,7 +126,9 @@ _FIRST_GRANT_IF = (
 # Only an existing lock item: a missing one goes through the state marker check first.
 _GRANT_IF = f"attribute_exists(#token) AND ({_FIRST_GRANT_IF})"
 _EXTEND = "SET #expires = :expires"
-_EXTEND_IF = "#holder = :client AND #expires > :now"
+# A renewal never moves a lease's end back: one delivered late (its :now is old) must
+# not undo a later one. Refused, the item may show the lease already reaching as far.
+_EXTEND_IF = "#holder = :client AND #expires > :now AND #expires < :expires"
 _RELEASE = "REMOVE #holder, #expires"
 _RELEASE_IF = "#holder = :client AND #expires > :now"
 
@@ -696,6 +699,7 @@ class DynamoStore(LockStore):
 
     async def _extend(self, pk: str, client_id: str, ttl_ms: int, deadline: float) -> Renewal:
         now = _now_ms()
+        ends = now + ttl_ms
         renewed, item = await self._update(
             deadline,
             pk,
@@ -703,12 +707,21 @@ class DynamoStore(LockStore):
             _EXTEND_IF,
             {
                 ":client": {"S": client_id},
-                ":expires": {"N": str(now + ttl_ms)},
+                ":expires": {"N": str(ends)},
                 ":now": {"N": str(now)},
             },
             names={"#holder": HOLDER, "#expires": EXPIRES_AT},
+            old_on_failure=True,
         )
-        return Renewal(True, _Lease.of(item).token) if renewed else Renewal(False)
+        if renewed:
+            return Renewal(True, _Lease.of(item).token)
+        if not item:  # dynalite returns no old item: read it
+            item = await self._read(pk, deadline)
+        lease = _Lease.of(item)
+        # A renewal applied after this one was sent already reaches at least as far.
+        if lease.holder == client_id and lease.expires_at >= ends:
+            return Renewal(True, lease.token)
+        return Renewal(False)
 
     async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
         if self._grace_left_ms():

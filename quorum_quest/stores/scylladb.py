@@ -120,10 +120,14 @@ _STATEMENTS = {
     "take": "UPDATE {table} SET holder = ?, expires_at = ?, fencing_token = ? "
     + _KEY
     + " IF holder = ? AND expires_at = ? AND fencing_token = ?",
+    # A renewal never moves a lease's end back: one delivered late (its `now` is old)
+    # must not undo a later one. Refused, it shows the row, which may already reach as far.
     "refresh": "UPDATE {table} SET expires_at = ? "
     + _KEY
-    + " IF holder = ? AND fencing_token = ? AND expires_at > ?",
-    "extend": "UPDATE {table} SET expires_at = ? " + _KEY + " IF holder = ? AND expires_at > ?",
+    + " IF holder = ? AND fencing_token = ? AND expires_at > ? AND expires_at < ?",
+    "extend": "UPDATE {table} SET expires_at = ? "
+    + _KEY
+    + " IF holder = ? AND expires_at > ? AND expires_at < ?",
     "release": "DELETE holder, expires_at FROM {table} "
     + _KEY
     + " IF holder = ? AND expires_at > ?",
@@ -133,6 +137,10 @@ _STATEMENTS = {
     "read": "SELECT holder, expires_at, fencing_token FROM {table} " + _KEY,
     "ping": "SELECT release_version FROM system.local",
 }
+RECONNECT_DELAY_MS = 500
+# Preparing a statement on a table another instance is creating: tries, and the pause.
+PREPARE_ATTEMPTS = 10
+PREPARE_RETRY_S = 0.5
 # The state marker's row: no client can name it, since the service refuses empty names.
 STATE_MARKER = LockKey("", "state-marker")
 # Who created a marker, for whoever finds it in the table.
@@ -335,6 +343,9 @@ class ScyllaStore(LockStore):
             "request_timeout": settings.request_timeout,
             "connect_timeout": settings.connect_timeout,
             "application_name": "quorum-quest",
+            # Retry a lost node every RECONNECT_DELAY_MS: the driver's default backs off
+            # to a minute, so calls kept failing long after the node was back.
+            "constant_reconnect_delay_ms": RECONNECT_DELAY_MS,
         }
         if settings.username:
             options.update(username=settings.username, password=settings.password)
@@ -421,16 +432,23 @@ class ScyllaStore(LockStore):
         """Prepare every statement once for this session (a missing table fails here)."""
         assert self._session is not None
         for name, template in _STATEMENTS.items():
-            try:
-                self._statements[name] = await self._session.create_prepared(
-                    template.format(table=self._table)
-                )
-            except cass_errors.CassException as exc:
-                hint = "" if self.settings.create_schema else _NO_SCHEMA_HINT
-                raise StoreUnavailable(
-                    self.backend,
-                    f"{self._where}: cannot prepare {name} on {self._table}: {exc}{hint}",
-                ) from exc
+            for attempt in range(PREPARE_ATTEMPTS):
+                try:
+                    self._statements[name] = await self._session.create_prepared(
+                        template.format(table=self._table)
+                    )
+                    break
+                except cass_errors.CassException as exc:
+                    # Another instance creating the same table at the same moment: the
+                    # schema may reach this session's node a little later.
+                    if self.settings.create_schema and attempt + 1 < PREPARE_ATTEMPTS:
+                        await asyncio.sleep(PREPARE_RETRY_S)
+                        continue
+                    hint = "" if self.settings.create_schema else _NO_SCHEMA_HINT
+                    raise StoreUnavailable(
+                        self.backend,
+                        f"{self._where}: cannot prepare {name} on {self._table}: {exc}{hint}",
+                    ) from exc
 
     async def close(self) -> None:
         session, self._session = self._session, None
@@ -590,13 +608,13 @@ class ScyllaStore(LockStore):
                     return Acquisition(True, client_id, token, ttl_ms)
                 continue
             if seen.holder == client_id and seen.live(now_ms):
-                held = seen.token
+                held, ends = seen.token, now_ms + ttl_ms
                 applied, seen = await self._lwt(
                     "acquire",
                     "refresh",
-                    [now_ms + ttl_ms, key.service, key.domain, client_id, held, now_ms],
+                    [ends, key.service, key.domain, client_id, held, now_ms, ends],
                 )
-                if applied:
+                if applied or _reaches(seen, client_id, ends, held):
                     return Acquisition(True, client_id, held, ttl_ms, refreshed=True)
                 continue
             if seen.holder != client_id and seen.live(now_ms, self._margin_ms):
@@ -627,11 +645,15 @@ class ScyllaStore(LockStore):
         if self._grace_left_ms():
             return Renewal(False)
         now_ms = _now_ms()
+        ends = now_ms + ttl_ms
         applied, seen = await self._lwt(
-            "keep_alive", "extend", [now_ms + ttl_ms, key.service, key.domain, client_id, now_ms]
+            "keep_alive", "extend", [ends, key.service, key.domain, client_id, now_ms, ends]
         )
         if not applied:
-            return Renewal(False)
+            if seen is None:  # Cassandra shows only the condition's columns: read the row
+                seen = await self._read("keep_alive", key)
+            if not _reaches(seen, client_id, ends):
+                return Renewal(False)
         if seen is not None and seen.holder == client_id and seen.token is not None:
             return Renewal(True, seen.token)  # ScyllaDB answers with the row it changed
         # Cassandra answers an applied LWT without the row: read the token of the lease just
@@ -657,6 +679,18 @@ class ScyllaStore(LockStore):
             return None
         assert row.holder is not None and row.expires_at is not None
         return Holder(row.holder, row.token or 0, max(0, row.expires_at - now_ms))
+
+
+def _reaches(seen: _Row | None, client_id: str, ends: int, token: int | None = None) -> bool:
+    """Whether a refused renewal found the caller's lease already ending at `ends` or later
+    (a renewal that was applied after this one was sent): then it is renewed all the same."""
+    return (
+        seen is not None
+        and seen.holder == client_id
+        and seen.expires_at is not None
+        and seen.expires_at >= ends
+        and (token is None or seen.token is None or seen.token == token)
+    )
 
 
 def _grace_refusal(left_ms: int) -> Acquisition:

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from quorum_quest.errors import StoreUnavailable
 from quorum_quest.stores import Acquisition, LockKey, store_class
+from quorum_quest.stores import dynamodb as dynamodb_module
 from quorum_quest.stores.dynamodb import (
     CREATED_AT,
     GRACE_UNTIL,
@@ -865,3 +866,21 @@ async def test_an_emulator_restarted_in_memory_gets_its_table_again_and_a_grace_
             await asyncio.sleep(left / 1000)
             bob = await store.acquire(key, "bob", LONG_MS)
     assert bob.acquired and bob.token > alice.token
+
+
+async def test_a_renewal_delivered_late_never_shortens_the_lease(
+    config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keep-alive computed on an older clock reading (held up on its way to DynamoDB)
+    arrives after a later one: the lease keeps the later end."""
+    key = LockKey("svc", f"late-{uuid.uuid4().hex[:8]}")
+    async with started(config) as first, started(config) as second:
+        granted = await first.acquire(key, "alice", LONG_MS)
+        assert (await second.keep_alive(key, "alice", LONG_MS)).renewed
+        real_now_ms = dynamodb_module._now_ms
+        monkeypatch.setattr(dynamodb_module, "_now_ms", lambda: real_now_ms() - 10_000)
+        late = await first.keep_alive(key, "alice", LONG_MS)
+        monkeypatch.undo()
+        assert late.renewed and late.token == granted.token
+        holder = await second.get_leader(key)
+        assert holder is not None and holder.remaining_ms > LONG_MS - 5_000

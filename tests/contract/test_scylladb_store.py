@@ -20,6 +20,7 @@ from quorum_quest.config.loader import validate
 from quorum_quest.errors import ConfigError, StoreUnavailable
 from quorum_quest.server import running_server
 from quorum_quest.stores import Acquisition, LockKey, store_class
+from quorum_quest.stores import scylladb as scylladb_module
 from quorum_quest.stores.scylladb import STATE_MARKER, ScyllaSettings, ScyllaStore
 from tests.backends import free_port
 from tests.conftest import make_settings
@@ -560,3 +561,23 @@ async def test_a_second_instance_sees_the_grace_period_the_first_recorded(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_renewal_delivered_late_never_shortens_the_lease(
+    pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keep-alive computed on an older clock reading (held up on its way to the
+    cluster) arrives after a later one: the lease keeps the later end."""
+    first, second = pair
+    key = fresh_key()
+    granted = await first.acquire(key, "alice", LONG_MS)
+    assert (await second.keep_alive(key, "alice", LONG_MS)).renewed
+    real_now_ms = scylladb_module._now_ms
+    monkeypatch.setattr(scylladb_module, "_now_ms", lambda: real_now_ms() - 10_000)
+    late = await first.keep_alive(key, "alice", LONG_MS)
+    refresh = await first.acquire(key, "alice", LONG_MS)
+    monkeypatch.undo()
+    assert late.renewed and late.token == granted.token
+    assert refresh.acquired and refresh.refreshed and refresh.token == granted.token
+    holder = await second.get_leader(key)
+    assert holder is not None and holder.remaining_ms > LONG_MS - 5_000

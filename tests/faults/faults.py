@@ -1,0 +1,191 @@
+"""The faults: each says what its scenario needs and how it is injected and healed.
+
+A fault's `inject(run)` breaks something, waits, heals it, and returns the window
+(`FaultWindow`) the checker measures liveness against: `blocking` when by design no
+grant can happen until it heals (the only instance, or the backend itself, is down),
+`victims` when it takes clients away. `state_loss` faults make the store lose its
+state, so the grace period adds to the liveness bound. `restore(run)` undoes what a
+fault leaves broken, before the next round of a soak run.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from tests.faults.history import FaultWindow
+
+if TYPE_CHECKING:
+    from tests.faults.scenario import Run
+
+# Added latency on the service's link to the backend, each direction.
+LATENCY_S = 0.2
+
+
+class Fault(ABC):
+    """One kind of fault. `instances`: service instances the scenario runs; `proxied`:
+    whether they reach the backend through a `Proxy`; `own_backend`: the fault touches
+    the backend process itself, so the scenario needs one of its own."""
+
+    name: str = ""
+    proxied: bool = False
+    own_backend: bool = False
+    state_loss: bool = False
+
+    def __init__(self, instances: int = 2) -> None:
+        self.instances = instances
+
+    @abstractmethod
+    def inject(self, run: Run) -> FaultWindow:
+        """Inject the fault, wait, heal it; the window from injection to healing."""
+
+    def restore(self, run: Run) -> None:  # noqa: B027 - most faults heal themselves
+        """Undo what `inject` left broken (a killed instance is started again by the run)."""
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class KillInstance(Fault):
+    """kill -9 the instance the holder talks to; the other instance serves on."""
+
+    name = "kill-instance"
+
+    def inject(self, run: Run) -> FaultWindow:
+        victim = run.instances[run.instance_of(run.holder())]
+        return run.timed(f"kill -9 {victim.name}", victim.kill)
+
+
+class PauseInstance(Fault):
+    """SIGSTOP the holder's instance for longer than a lease, then SIGCONT: it wakes up
+    with calls its clients gave up on long ago."""
+
+    name = "pause-instance"
+
+    def inject(self, run: Run) -> FaultWindow:
+        victim = run.instances[run.instance_of(run.holder())]
+
+        def pause() -> None:
+            victim.pause()
+            time.sleep(run.timing.outage)
+            victim.resume()
+
+        return run.timed(f"SIGSTOP {victim.name}", pause, blocking=len(run.instances) == 1)
+
+
+class PauseClient(Fault):
+    """SIGSTOP the process of the client holding the lock for longer than its lease, then
+    SIGCONT: on resume its belief has ended, and another client must have led meanwhile."""
+
+    name = "pause-client"
+
+    def inject(self, run: Run) -> FaultWindow:
+        victim = run.process_of(run.holder())
+
+        def pause() -> None:
+            victim.pause()
+            time.sleep(run.timing.outage)
+            victim.resume()
+
+        return run.timed(f"SIGSTOP {victim.name}", pause, victims=victim.client_ids)
+
+
+class Partition(Fault):
+    """Blackhole the holder's instance's link to the backend for longer than a lease: its
+    calls hang, and on healing whatever they sent reaches the backend late."""
+
+    name = "partition"
+    proxied = True
+
+    def inject(self, run: Run) -> FaultWindow:
+        index = run.instance_of(run.holder())
+        proxy = run.proxies[index]
+
+        def cut() -> None:
+            proxy.blackhole()
+            time.sleep(run.timing.outage)
+            proxy.heal()
+
+        return run.timed(
+            f"partition instance-{index} from the backend", cut, blocking=len(run.proxies) == 1
+        )
+
+
+class Latency(Fault):
+    """Add `LATENCY_S` each way on every instance's link to the backend for a while.
+
+    Safety is judged throughout; liveness from its end, as a store operation of several
+    round trips (a refused acquire on dynalite takes four) can outlast every deadline."""
+
+    name = "latency"
+    proxied = True
+
+    def inject(self, run: Run) -> FaultWindow:
+        def slow() -> None:
+            for proxy in run.proxies:
+                proxy.pass_through(delay=LATENCY_S)
+            time.sleep(run.timing.outage)
+            for proxy in run.proxies:
+                proxy.pass_through()
+
+        return run.timed(f"+{LATENCY_S * 1000:.0f} ms each way to the backend", slow, blocking=True)
+
+
+class RestartInstance(Fault):
+    """kill -9 the only instance and start it again on its port. With the embedded store
+    every lease is gone: the new process starts in its grace period."""
+
+    name = "restart"
+    state_loss = True
+
+    def inject(self, run: Run) -> FaultWindow:
+        victim = run.instances[0]
+
+        def restart() -> None:
+            victim.kill()
+            victim.start()
+
+        return run.timed(f"restart {victim.name}", restart, blocking=True)
+
+
+class RestartBackend(Fault):
+    """kill -9 the backend process and start it again on its port (`run.backend.process`:
+    `kill()` and `restart()`). `state_loss`: it comes back without its data."""
+
+    name = "backend-restart"
+    own_backend = True
+
+    def __init__(self, instances: int = 2, state_loss: bool = True) -> None:
+        super().__init__(instances)
+        self.state_loss = state_loss
+
+    def inject(self, run: Run) -> FaultWindow:
+        backend = run.backend.process
+
+        def restart() -> None:
+            backend.kill()
+            backend.restart()
+
+        return run.timed("backend kill -9 and restart", restart, blocking=True)
+
+
+class SentinelFailover(Fault):
+    """kill -9 the Redis primary behind Sentinel (`run.backend.process`: a
+    `SentinelTopology`); a replica, which may lack the last writes, takes over."""
+
+    name = "sentinel-failover"
+    own_backend = True
+    state_loss = True
+
+    def inject(self, run: Run) -> FaultWindow:
+        topology = run.backend.process
+
+        def fail_over() -> None:
+            topology.kill_primary()
+            topology.wait_for_failover()
+
+        return run.timed("kill -9 the Redis primary, Sentinel failover", fail_over, blocking=True)
+
+    def restore(self, run: Run) -> None:
+        run.backend.process.restart_killed()

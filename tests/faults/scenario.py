@@ -284,7 +284,8 @@ class Run:
                 instance.start()
 
     def play(self, rounds: int) -> History:
-        """Inject the fault `rounds` times, each followed by time to recover; the history."""
+        """Inject the fault `rounds` times, each followed by time to recover, then race on
+        once some client holds the lock again; the history."""
         recovery = self.timing.bound(self.fault) + 1.0
         faults = Recorder(self.workdir / "faults.jsonl")
         self.settle()
@@ -295,6 +296,9 @@ class Run:
             window = self.fault.inject(self)
             faults.record(window)
             time.sleep(recovery)
+        # Let the clients race on after the last recovery too, so that a fault that left
+        # the backend slow to come back still leaves grants to judge.
+        self.settle()
         stop = time.monotonic()
         faults.close()
         self.stop_clients()

@@ -2,7 +2,8 @@
 
 A store failure is UNAVAILABLE and a passed deadline DEADLINE_EXCEEDED; "held by
 someone else" is the only outcome reported as `is_leader=false`. Each call reads
-one runtime snapshot and keeps it to the end.
+one runtime snapshot and keeps it to the end. Requests and answers are `wire`
+(protobuf) messages: see `quorum_quest._rpc`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from loguru import logger
 from opentelemetry import trace
 
 from quorum_quest import __version__
-from quorum_quest._rpc import pb
+from quorum_quest._rpc import wire
 from quorum_quest.errors import InvalidArgument, StoreUnavailable
 from quorum_quest.stores.base import MAX_NAME_BYTES, Acquisition, LockKey
 from quorum_quest.telemetry.telemetry import (
@@ -45,7 +46,7 @@ Results = str | Counter[str]
 Handler = Callable[[Any, "Snapshot", Request], Awaitable[tuple[Response, Results]]]
 Served = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
 
-NOT_HOLDER_LEASE = timedelta(seconds=-1)
+NOT_HOLDER_LEASE_MS = -1000  # KeepAlive's "you do not hold this lock"
 # The longest an acquire waits for a release (wait_ms), and how long before the
 # caller's deadline it stops waiting, to answer in time.
 MAX_WAIT_S = 60.0
@@ -54,7 +55,7 @@ WAIT_DEADLINE_MARGIN_S = 0.05
 # never sooner than MIN_RETRY_S after its last try.
 EXPIRY_SLACK_S = 0.002
 MIN_RETRY_S = 0.01
-# The loop time at which the current call's deadline passes (None: no deadline).
+# The time.monotonic() at which the current call's deadline passes (None: no deadline).
 _call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "call_deadline", default=None
 )
@@ -84,23 +85,21 @@ def _lock_operation(
             backend = snapshot.store.backend
             started = time.perf_counter()
             remaining = context.time_remaining()
-            loop = asyncio.get_running_loop()
-            _call_deadline.set(None if remaining is None else loop.time() + remaining)
+            _call_deadline.set(None if remaining is None else time.monotonic() + remaining)
             snapshot.enter()
             try:
-                async with asyncio.timeout(remaining):
-                    # A store span only inside a sampled (recording) server span.
-                    if telemetry.tracing and trace.get_current_span().is_recording():
-                        attributes = {
-                            "quorum_quest.backend": backend,
-                            "quorum_quest.operation": operation,
-                        }
-                        with telemetry.tracer.start_as_current_span(
-                            f"store {operation}", attributes=attributes
-                        ):
-                            response, result = await handler(self, snapshot, request)
-                    else:
+                # A store span only inside a sampled (recording) server span.
+                if telemetry.tracing and trace.get_current_span().is_recording():
+                    attributes = {
+                        "quorum_quest.backend": backend,
+                        "quorum_quest.operation": operation,
+                    }
+                    with telemetry.tracer.start_as_current_span(
+                        f"store {operation}", attributes=attributes
+                    ):
                         response, result = await handler(self, snapshot, request)
+                else:
+                    response, result = await handler(self, snapshot, request)
                 if isinstance(result, str):
                     telemetry.count(operation, result, backend, started)
                 else:
@@ -115,12 +114,12 @@ def _lock_operation(
                 telemetry.count(operation, ERROR, backend, started, locks(request))
                 logger.warning("store call failed: {}", exc)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            except TimeoutError:
+            except asyncio.CancelledError:
+                # grpc.aio cancels the call's task when the caller's deadline passes
+                # (the caller then has DEADLINE_EXCEEDED), when the caller cancels, and
+                # at shutdown: the store call in flight is abandoned with it.
                 telemetry.count(operation, ERROR, backend, started, locks(request))
-                await context.abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    "the deadline passed before the store answered",
-                )
+                raise
             finally:
                 snapshot.leave()
             raise AssertionError("unreachable: context.abort raises")
@@ -128,6 +127,19 @@ def _lock_operation(
         return serve
 
     return decorate
+
+
+def _duration(ms: int) -> dict[str, int]:
+    """A `google.protobuf.Duration` of `ms` milliseconds, as its fields: a dict sets a
+    message field in half the time a timedelta takes, on every answer."""
+    sign = -1 if ms < 0 else 1
+    seconds, rest = divmod(abs(ms), 1000)
+    return {"seconds": sign * seconds, "nanos": sign * rest * 1_000_000}
+
+
+def _waited(seconds: float) -> timedelta | None:
+    """The `waited` field: unset (zero) unless the call waited."""
+    return timedelta(seconds=seconds) if seconds else None
 
 
 def _name(field: str, value: str) -> str:
@@ -142,7 +154,7 @@ def _lock_key(request: Any) -> LockKey:
     return LockKey(_name("service", request.service), _name("domain", request.domain))
 
 
-def _lock_keys(locks: Sequence[pb.LockRef]) -> list[LockKey]:
+def _lock_keys(locks: Sequence[wire.LockRef]) -> list[LockKey]:
     """The batch's keys; a bad one is named with its index, e.g. `locks[3].domain`."""
     if len(locks) > MAX_BATCH_LOCKS:
         raise InvalidArgument("locks", f"at most {MAX_BATCH_LOCKS} per call, got {len(locks)}")
@@ -162,7 +174,8 @@ def _some(keys: list[LockKey]) -> str:
     return f"{shown} and {rest} more" if rest > 0 else shown
 
 
-TtlRequest = pb.TryAcquireLockRequest | pb.KeepAliveRequest | pb.KeepAliveManyRequest
+# wire.TryAcquireLockRequest, wire.KeepAliveRequest or wire.KeepAliveManyRequest
+TtlRequest = Any
 
 
 def _ttl_ms(snapshot: Snapshot, request: TtlRequest) -> int:
@@ -190,8 +203,8 @@ class LeaderElectionServicer:
 
     @_lock_operation("acquire")
     async def try_acquire_lock(
-        self, snapshot: Snapshot, request: pb.TryAcquireLockRequest
-    ) -> tuple[pb.TryAcquireLockResponse, str]:
+        self, snapshot: Snapshot, request: wire.TryAcquireLockRequest
+    ) -> tuple[wire.TryAcquireLockResponse, str]:
         key = _lock_key(request)
         client_id = _name("client_id", request.client_id)
         ttl_ms = _ttl_ms(snapshot, request)
@@ -205,16 +218,16 @@ class LeaderElectionServicer:
             # No holder can be trusted until the grace period ends: leader_id stays
             # empty and lease_length says when to ask again.
             self._runtime.note_grace(result.ttl_ms)
-            response = pb.TryAcquireLockResponse(
-                is_leader=False, lease_length=timedelta(milliseconds=result.ttl_ms)
+            response = wire.TryAcquireLockResponse(
+                is_leader=False, lease_length=_duration(result.ttl_ms)
             )
             return response, GRACE_PERIOD
         if not result.acquired:
-            response = pb.TryAcquireLockResponse(
+            response = wire.TryAcquireLockResponse(
                 is_leader=False,
                 leader_id=result.holder,
-                lease_length=timedelta(milliseconds=result.ttl_ms),
-                waited=timedelta(seconds=waited),
+                lease_length=_duration(result.ttl_ms),
+                waited=_waited(waited),
             )
             return response, HELD_BY_OTHER
         self._runtime.leases.granted(key, result.ttl_ms)
@@ -227,12 +240,12 @@ class LeaderElectionServicer:
                 result.token,
                 ttl_ms,
             )
-        response = pb.TryAcquireLockResponse(
+        response = wire.TryAcquireLockResponse(
             is_leader=True,
             fencing_token=result.token,
-            lease_length=timedelta(milliseconds=result.ttl_ms),
+            lease_length=_duration(result.ttl_ms),
             leader_id=client_id,
-            waited=timedelta(seconds=waited),
+            waited=_waited(waited),
         )
         return response, RENEWED if result.refreshed else ACQUIRED
 
@@ -250,18 +263,17 @@ class LeaderElectionServicer:
         Returns the last answer and how long was waited before the attempt that gave it,
         which the caller adds to its send time: the lease cannot have begun earlier.
         """
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.monotonic()
         stop = started + min(wait_ms / 1000, MAX_WAIT_S)
         deadline = _call_deadline.get()
         if deadline is not None:
             stop = min(stop, deadline - WAIT_DEADLINE_MARGIN_S)
         releases = self._runtime.releases
         result, waited = refused, 0.0
-        while (now := loop.time()) < stop and not releases.closed:
+        while (now := time.monotonic()) < stop and not releases.closed:
             holder_left = max(result.ttl_ms / 1000, MIN_RETRY_S) + EXPIRY_SLACK_S
             await releases.wait(key, min(stop - now, holder_left))
-            waited = loop.time() - started
+            waited = time.monotonic() - started
             result = await snapshot.store.acquire(key, client_id, ttl_ms)
             if result.acquired or result.grace:
                 break
@@ -269,8 +281,8 @@ class LeaderElectionServicer:
 
     @_lock_operation("keep_alive")
     async def keep_alive(
-        self, snapshot: Snapshot, request: pb.KeepAliveRequest
-    ) -> tuple[pb.KeepAliveResponse, str]:
+        self, snapshot: Snapshot, request: wire.KeepAliveRequest
+    ) -> tuple[wire.KeepAliveResponse, str]:
         key = _lock_key(request)
         client_id = _name("client_id", request.client_id)
         ttl_ms = _ttl_ms(snapshot, request)
@@ -283,17 +295,18 @@ class LeaderElectionServicer:
                 key.domain,
                 client_id,
             )
-            return pb.KeepAliveResponse(lease_length=NOT_HOLDER_LEASE), NOT_HOLDER
+            response = wire.KeepAliveResponse(lease_length=_duration(NOT_HOLDER_LEASE_MS))
+            return response, NOT_HOLDER
         self._runtime.leases.granted(key, ttl_ms)
-        response = pb.KeepAliveResponse(
-            lease_length=timedelta(milliseconds=ttl_ms), fencing_token=result.token
+        response = wire.KeepAliveResponse(
+            lease_length=_duration(ttl_ms), fencing_token=result.token
         )
         return response, RENEWED
 
     @_lock_operation("keep_alive_many", locks=lambda request: len(request.locks))
     async def keep_alive_many(
-        self, snapshot: Snapshot, request: pb.KeepAliveManyRequest
-    ) -> tuple[pb.KeepAliveManyResponse, Results]:
+        self, snapshot: Snapshot, request: wire.KeepAliveManyRequest
+    ) -> tuple[wire.KeepAliveManyResponse, Results]:
         client_id = _name("client_id", request.client_id)
         keys = _lock_keys(request.locks)
         ttl_ms = _ttl_ms(snapshot, request)
@@ -315,44 +328,44 @@ class LeaderElectionServicer:
                 client_id,
                 _some(refused),
             )
-        response = pb.KeepAliveManyResponse(
-            lease_length=timedelta(milliseconds=ttl_ms),
+        response = wire.KeepAliveManyResponse(
+            lease_length=_duration(ttl_ms),
             fencing_tokens=[renewal.token if renewal.renewed else 0 for renewal in renewals],
         )
         return response, Counter({RENEWED: len(keys) - len(refused), NOT_HOLDER: len(refused)})
 
     @_lock_operation("release")
     async def release_lock(
-        self, snapshot: Snapshot, request: pb.ReleaseLockRequest
-    ) -> tuple[pb.ReleaseLockResponse, str]:
+        self, snapshot: Snapshot, request: wire.ReleaseLockRequest
+    ) -> tuple[wire.ReleaseLockResponse, str]:
         key = _lock_key(request)
         client_id = _name("client_id", request.client_id)
         released = await snapshot.store.release(key, client_id, request.fencing_token)
         if not released:
-            return pb.ReleaseLockResponse(released=False), NOT_HOLDER
+            return wire.ReleaseLockResponse(released=False), NOT_HOLDER
         self._runtime.leases.ended(key)
         self._runtime.releases.released(key)
         logger.info(
             "lock released: service={} domain={} client_id={}", key.service, key.domain, client_id
         )
-        return pb.ReleaseLockResponse(released=True), RELEASED
+        return wire.ReleaseLockResponse(released=True), RELEASED
 
     @_lock_operation("get_leader")
     async def get_leader(
-        self, snapshot: Snapshot, request: pb.GetLeaderRequest
-    ) -> tuple[pb.GetLeaderResponse, str]:
+        self, snapshot: Snapshot, request: wire.GetLeaderRequest
+    ) -> tuple[wire.GetLeaderResponse, str]:
         key = _lock_key(request)
         grace_ms = await snapshot.store.check_state()
         self._runtime.note_grace(grace_ms)
         if grace_ms:
-            response = pb.GetLeaderResponse(
+            response = wire.GetLeaderResponse(
                 has_leader=False, grace_remaining=timedelta(milliseconds=grace_ms)
             )
             return response, GRACE_PERIOD
         holder = await snapshot.store.get_leader(key)
         if holder is None:
-            return pb.GetLeaderResponse(has_leader=False), "free"
-        response = pb.GetLeaderResponse(
+            return wire.GetLeaderResponse(has_leader=False), "free"
+        response = wire.GetLeaderResponse(
             has_leader=True,
             client_id=holder.client_id,
             fencing_token=holder.token,
@@ -361,10 +374,10 @@ class LeaderElectionServicer:
         return response, "held"
 
     async def get_status(
-        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetStatusResponse:
+        self, request: wire.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> wire.GetStatusResponse:
         runtime = self._runtime
-        return pb.GetStatusResponse(
+        return wire.GetStatusResponse(
             version=__version__,
             backend=runtime.current.store.backend,
             uptime=timedelta(seconds=time.monotonic() - runtime.started),

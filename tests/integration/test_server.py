@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from quorum_quest._rpc import SERVICE_NAME, LeaderElectionStub, pb
 from quorum_quest.server import LockServer, running_server
+from quorum_quest.telemetry.telemetry import ERROR
 from tests.backends.redis import RedisProcess
 from tests.conftest import make_settings
 
@@ -194,11 +195,17 @@ async def _wait_for_health(health: health_pb2_grpc.HealthStub, status: int) -> N
 async def test_caller_deadline_is_deadline_exceeded(
     server: LockServer, stub: LeaderElectionStub
 ) -> None:
+    abandoned = asyncio.Event()
+
     class SlowStore:
         backend = "slow"
 
         async def acquire(self, *args: object) -> None:
-            await asyncio.sleep(5)
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                abandoned.set()
+                raise
 
     real = server.runtime.current.store
     server.runtime.current.store = SlowStore()  # only the store's speed is faked
@@ -206,6 +213,11 @@ async def test_caller_deadline_is_deadline_exceeded(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.try_acquire_lock(acquire_request(), timeout=0.3)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The store call is abandoned with the call, not left running for 5 s,
+        # and the call counts as an error.
+        await asyncio.wait_for(abandoned.wait(), timeout=2)
+        counts = server.runtime.current.telemetry.operation_counts()
+        assert counts[("acquire", ERROR, "slow")] == 1
     finally:
         server.runtime.current.store = real
 

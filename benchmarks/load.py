@@ -4,6 +4,8 @@ One run of `run_cell` is one table row. Clients connect first, then loop through
 warm-up and the measured window; only calls that complete inside the window count
 towards rates and latencies. After the window each client finishes its current
 cycle (every call has a deadline) and stops; a guard timeout cancels whatever is left.
+Given a `CpuProbe`, a task reads CPU seconds at the window's start and end (timers on
+the same event loop, no work per call), so CPU per call covers the calls counted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from benchmarks.proc import cpu_seconds, process_tree
 from benchmarks.targets import Session, Target
 from quorum_quest.errors import ServiceUnavailable
 from quorum_quest.stores import LockKey
@@ -26,6 +29,8 @@ from quorum_quest.stores import LockKey
 OPERATIONS = ("acquire", "keep_alive", "release")
 SCENARIOS = ("distinct", "contended")
 ERROR_BACKOFF_S = 0.01  # after a failed call, so a broken target is not hammered in a spin
+# CPU seconds used so far, by role ("client", "server", "redis"); None: its pid is unknown
+CpuProbe = Callable[[], dict[str, float | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,7 @@ class Tally:
     attempts: int = 0  # acquire calls answered, granted or not
     errors: Counter[str] = field(default_factory=Counter)  # raised: "<op>:<kind>"
     lost: Counter[str] = field(default_factory=Counter)  # refused although the client held it
+    cpu_s: dict[str, float | None] = field(default_factory=dict)  # used in the window, by role
 
     async def call(self, op: str, answer: Awaitable[bool]) -> bool | None:
         """Await one operation and time it; None when it raised."""
@@ -167,13 +173,40 @@ async def drive(
         tally.errors["harness:guard-timeout"] += 1
 
 
+def cpu_probe(target: Target, redis: int | None, on_redis: bool) -> CpuProbe:
+    """Reads the CPU seconds of this process (`client`), of the target's server process
+    tree (`server`, unless the calls run in this process) and, for a target `on_redis`,
+    of redis-server (`redis`)."""
+
+    def read() -> dict[str, float | None]:
+        used: dict[str, float | None] = {"client": time.process_time()}
+        if target.pid is not None:
+            used["server"] = cpu_seconds(process_tree(target.pid))
+        if on_redis:
+            used["redis"] = None if redis is None else cpu_seconds([redis])
+        return used
+
+    return read
+
+
+async def read_cpu(tally: Tally, probe: CpuProbe) -> None:
+    """`tally.cpu_s`: what `probe` reads at the window's end minus at its start."""
+    await asyncio.sleep(tally.window.start - time.perf_counter())
+    before = probe()
+    await asyncio.sleep(tally.window.end - time.perf_counter())
+    after = probe()
+    tally.cpu_s = {
+        role: None if used is None or before[role] is None else used - before[role]
+        for role, used in after.items()
+    }
+
+
 async def run_cell(
-    target: Target, scenario: str, clients: int, settings: LoadSettings
+    target: Target, scenario: str, clients: int, settings: LoadSettings, probe: CpuProbe
 ) -> dict[str, Any]:
     """One (target, scenario, clients) measurement, summarised."""
-    return summarize(
-        target.name, scenario, clients, await measure(target, scenario, clients, settings)
-    )
+    tally = await measure(target, scenario, clients, settings, probe=probe)
+    return summarize(target.name, scenario, clients, tally)
 
 
 async def measure(
@@ -182,11 +215,13 @@ async def measure(
     clients: int,
     settings: LoadSettings,
     window_start: Callable[[], Awaitable[float]] | None = None,
+    probe: CpuProbe | None = None,
 ) -> Tally:
     """Connect `clients` clients, then run them through the warm-up and the window.
 
     `window_start`, awaited once the clients are connected, gives the window's start
     (`time.perf_counter()`); the clients run from then on. Default: now + the warm-up.
+    With a `probe`, the tally has the CPU seconds used in the window.
     """
     cell_id = f"{target.name}-{scenario}-{clients}-{uuid.uuid4().hex[:8]}"
     keys = lock_keys(scenario, clients, cell_id)
@@ -199,15 +234,33 @@ async def measure(
             start = await window_start()
         tally.window = Window(start, start + settings.duration)
         guard = start - time.perf_counter() + settings.duration + 3 * settings.timeout + 5
-        await drive(sessions, keys, cell_id, tally, guard)
+        async with asyncio.TaskGroup() as group:
+            if probe is not None:
+                group.create_task(read_cpu(tally, probe))
+            await drive(sessions, keys, cell_id, tally, guard)
     finally:
         await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
     return tally
 
 
+def per_call_us(used: float | None, calls: int) -> float | None:
+    """CPU seconds `used` as µs per call; None when unknown or without calls."""
+    return None if used is None or not calls else used / calls * 1e6
+
+
+def cpu_per_call(cpu_s: dict[str, float | None], calls: int) -> dict[str, float | None]:
+    """CPU µs per call by role, and their `total` (None when a role's is unknown)."""
+    per_call = {role: per_call_us(used, calls) for role, used in cpu_s.items()}
+    known = [value for value in per_call.values() if value is not None]
+    if per_call:
+        per_call["total"] = sum(known) if len(known) == len(per_call) else None
+    return per_call
+
+
 def summarize(target: str, scenario: str, clients: int, tally: Tally) -> dict[str, Any]:
     seconds = tally.window.duration
     latencies = tally.latencies_ms
+    calls = sum(len(samples) for samples in latencies.values())
     return {
         "target": target,
         "scenario": scenario,
@@ -215,7 +268,8 @@ def summarize(target: str, scenario: str, clients: int, tally: Tally) -> dict[st
         "duration_s": seconds,
         "cycles_per_s": tally.cycles / seconds,
         "attempts_per_s": tally.attempts / seconds,
-        "calls_per_s": sum(len(samples) for samples in latencies.values()) / seconds,
+        "calls": calls,
+        "calls_per_s": calls / seconds,
         "latency_ms": {
             op: {
                 "count": len(samples),
@@ -227,4 +281,6 @@ def summarize(target: str, scenario: str, clients: int, tally: Tally) -> dict[st
         "errors": sum(tally.errors.values()),
         "error_kinds": dict(tally.errors),
         "lost": dict(tally.lost),
+        "cpu_s": tally.cpu_s,
+        "cpu_us_per_call": cpu_per_call(tally.cpu_s, calls),
     }

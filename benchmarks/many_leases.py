@@ -46,6 +46,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from benchmarks.proc import children, command, cpu_seconds
 from benchmarks.run import counts
 from benchmarks.targets import delete_keys, service_target
 from quorum_quest import Callbacks, Lease, QuorumQuestClient
@@ -135,9 +136,9 @@ async def run_step(address: str, count: int, ttl: float, duration: float) -> Ste
             if len(leases) != count:
                 print(f"only {len(leases)} of {count} leases were granted", file=sys.stderr)
             step.window_start = time.monotonic()
-            cpu_before = cpu_seconds()
+            cpu_before = cpu_by_role()
             await asyncio.sleep(duration)
-            cpu_after = cpu_seconds()
+            cpu_after = cpu_by_role()
             step.held_at_end = len(leases)
             step.window_start = math.inf  # renewals after the window are not counted
             step.cpu_s = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
@@ -146,24 +147,17 @@ async def run_step(address: str, count: int, ttl: float, duration: float) -> Ste
     return step
 
 
-def cpu_seconds() -> dict[str, float]:
+def cpu_by_role() -> dict[str, float]:
     """CPU seconds (user + system) so far of this process and of its children, by role.
 
-    The service and redis-server are this process's children; Linux only (`/proc`),
-    elsewhere just this process.
+    The service and redis-server are this process's children; Linux only (`/proc`).
     """
     used = {"client": time.process_time()}
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    for children in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
-        for pid in children.read_text().split():
-            try:
-                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            role = "redis" if b"redis-server" in command else "service"
-            if b"quorum" in command or role == "redis":
-                used[role] = used.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    for pid in children(os.getpid()):
+        line = command(pid)
+        role = "redis" if b"redis-server" in line else "service" if b"quorum" in line else None
+        if role:
+            used[role] = used.get(role, 0.0) + cpu_seconds([pid])
     return used
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import statistics
 import sys
@@ -33,11 +32,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from benchmarks.proc import cpu_seconds
 from quorum_quest.stores import LockKey
 from quorum_quest.stores._redis_pipe import RedisPipe
 from quorum_quest.stores.redis import (
@@ -62,15 +61,6 @@ class Sample:
     ops_per_s: float
     cpu_us_per_op: float
     redis_cpu_us_per_op: float
-
-
-def cpu_seconds_of(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process `pid`; NaN without /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def redis_py_runner(url: str) -> tuple[Run, RedisStore, aioredis.Redis]:
@@ -140,10 +130,10 @@ async def measure(path: str, url: str, pid: int, clients: int, duration: float) 
     try:
         await asyncio.sleep(WARMUP_S)
         ops, cpu, wall = counts[0], time.process_time(), time.perf_counter()
-        redis_cpu = cpu_seconds_of(pid)
+        redis_cpu = cpu_seconds([pid])
         await asyncio.sleep(duration)
         ops, cpu = counts[0] - ops, time.process_time() - cpu
-        redis_cpu = cpu_seconds_of(pid) - redis_cpu
+        redis_cpu = cpu_seconds([pid]) - redis_cpu
         wall = time.perf_counter() - wall
         stop.set()
         await asyncio.gather(*tasks)

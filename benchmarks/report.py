@@ -49,28 +49,36 @@ def ceiling_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
     """Every other target's cell against the echo server's cell of the same scenario and size.
 
     `calls_ratio` is calls/s ÷ echo calls/s; `bound_cycles_per_s` is echo calls/s ÷ 3, the
-    cycles/s the ceiling allows (a cycle is three calls).
+    cycles/s the ceiling allows (a cycle is three calls). `server_cpu_ratio` and
+    `total_cpu_ratio` are CPU µs per call of the server, and of all processes, ÷ echo's.
     """
-    echo = {
-        (r["scenario"], r["clients"]): r["calls_per_s"] for r in results if r["target"] == "echo"
-    }
+    echo = {(r["scenario"], r["clients"]): r for r in results if r["target"] == "echo"}
     rows = []
     for r in results:
         reference = echo.get((r["scenario"], r["clients"]))
-        if r["target"] == "echo" or not reference:
+        if r["target"] == "echo" or not reference or not reference["calls_per_s"]:
             continue
-        bound = reference / 3
+        bound = reference["calls_per_s"] / 3
         rows.append(
             {
                 **{key: r[key] for key in CELL_ORDER},
-                "echo_calls_per_s": reference,
-                "calls_ratio": r["calls_per_s"] / reference,
+                "echo_calls_per_s": reference["calls_per_s"],
+                "calls_ratio": r["calls_per_s"] / reference["calls_per_s"],
                 "cycles_per_s": r["cycles_per_s"],
                 "bound_cycles_per_s": bound,
                 "cycles_of_bound": r["cycles_per_s"] / bound,
+                "server_cpu_ratio": cpu_ratio(r, reference, "server"),
+                "total_cpu_ratio": cpu_ratio(r, reference, "total"),
             }
         )
     return rows
+
+
+def cpu_ratio(result: Result, echo: Result, role: str) -> float | None:
+    """`role`'s CPU µs per call over echo's; None where either is unknown."""
+    mine = result.get("cpu_us_per_call", {}).get(role)
+    reference = echo.get("cpu_us_per_call", {}).get(role)
+    return mine / reference if mine is not None and reference else None
 
 
 # -- charts ----------------------------------------------------------------------------

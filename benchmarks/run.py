@@ -40,9 +40,10 @@ from benchmarks.failover import (
     run_failover,
     summarize,
 )
-from benchmarks.load import SCENARIOS, LoadSettings, run_cell
+from benchmarks.load import SCENARIOS, LoadSettings, cpu_probe, run_cell
+from benchmarks.proc import redis_pid
 from benchmarks.report import ceiling_rows, cycles_chart, failover_chart, save, workers_chart
-from benchmarks.targets import DEFAULT_TARGETS, OBSERVED, TARGETS, WHERE, open_target
+from benchmarks.targets import DEFAULT_TARGETS, OBSERVED, TARGETS, WHERE, on_redis, open_target
 from benchmarks.workers import WorkersSettings, run_workers, summarize_rows, workers_tables
 from quorum_quest.config.settings import LoggerSettings, ObservabilitySettings
 from quorum_quest.telemetry.logging import configure_logging
@@ -228,6 +229,9 @@ async def run_all(
     """
     settings = LoadSettings(duration=args.duration, warmup=args.warmup, timeout=args.timeout)
     run_id = uuid.uuid4().hex[:8]
+    redis = await redis_pid(redis_url) if redis_url else None
+    if redis_url and redis is None:
+        print(f"no redis-server of {redis_url} in /proc: no redis CPU", file=sys.stderr)
     results = []
     exported = {}
     for name in args.targets:
@@ -238,9 +242,10 @@ async def run_all(
             timeout=args.timeout,
             trace_sample_ratio=args.trace_sample_ratio,
         ) as target:
+            probe = cpu_probe(target, redis, on_redis(name))
             for scenario in args.scenarios:
                 for clients in args.clients:
-                    result = await run_cell(target, scenario, clients, settings)
+                    result = await run_cell(target, scenario, clients, settings, probe)
                     print(progress_line(result), file=sys.stderr, flush=True)
                     results.append(result)
         if target.exported:
@@ -278,7 +283,8 @@ def environment(redis_url: str | None, targets: Sequence[str]) -> dict[str, Any]
 # -- output -------------------------------------------------------------------------
 
 
-def ms(value: float | None) -> str:
+def decimal(value: float | None) -> str:
+    """Two decimals (milliseconds, ratios); - when unknown."""
     return "-" if value is None else f"{value:.2f}"
 
 
@@ -288,7 +294,15 @@ def rate(value: float) -> str:
 
 def latency(result: dict[str, Any], op: str) -> str:
     numbers = result["latency_ms"][op]
-    return f"{ms(numbers['p50'])} / {ms(numbers['p99'])}"
+    return f"{decimal(numbers['p50'])} / {decimal(numbers['p99'])}"
+
+
+def cpu(result: dict[str, Any], role: str) -> str:
+    """CPU µs per call; n/a where the role has no process of its own, - where not found."""
+    per_call = result["cpu_us_per_call"]
+    if role not in per_call:
+        return "n/a"
+    return "-" if per_call[role] is None else f"{per_call[role]:.0f}"
 
 
 def problems(result: dict[str, Any]) -> int:
@@ -309,6 +323,9 @@ COLUMNS = (
     "cycles/s",
     "attempts/s",
     "calls/s",
+    "server CPU µs/call",
+    "client CPU µs/call",
+    "redis CPU µs/call",
     "acquire p50 / p99 ms",
     "keep-alive p50 / p99 ms",
     "release p50 / p99 ms",
@@ -327,6 +344,9 @@ def table(results: list[dict[str, Any]]) -> str:
             rate(r["cycles_per_s"]),
             rate(r["attempts_per_s"]),
             rate(r["calls_per_s"]),
+            cpu(r, "server"),
+            cpu(r, "client"),
+            cpu(r, "redis"),
             latency(r, "acquire"),
             latency(r, "keep_alive"),
             latency(r, "release"),
@@ -375,7 +395,7 @@ def obs_summary(
         ]
         for scenario, clients in cells:
             values = [found.get((name, scenario, clients)) for name in pairs]
-            shown = ["-" if value is None else f"{value:.2f}" for value in values]
+            shown = [decimal(value) for value in values]
             lines.append("| " + " | ".join([scenario, str(clients), *shown]) + " |")
     if exported:
         lines.append("\nReceived by the OTLP sink (whole target, warm-ups included):\n")
@@ -396,14 +416,15 @@ def ceiling_summary(rows: list[dict[str, Any]]) -> str:
         "\nAgainst the ceiling (the echo server on the same clients; bound = echo calls/s ÷ 3, "
         "the cycles/s a do-nothing server allows):\n",
         "| scenario | clients | target | calls/s ÷ echo | cycles/s | bound cycles/s | "
-        "cycles ÷ bound |",
-        "|---|---|---|---|---|---|---|",
+        "cycles ÷ bound | server CPU ÷ echo | total CPU ÷ echo |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in sorted(rows, key=lambda row: (row["scenario"], row["clients"])):
         lines.append(
             f"| {row['scenario']} | {row['clients']} | {row['target']} | "
             f"{row['calls_ratio']:.2f} | {rate(row['cycles_per_s'])} | "
-            f"{rate(row['bound_cycles_per_s'])} | {row['cycles_of_bound']:.2f} |"
+            f"{rate(row['bound_cycles_per_s'])} | {row['cycles_of_bound']:.2f} | "
+            f"{decimal(row['server_cpu_ratio'])} | {decimal(row['total_cpu_ratio'])} |"
         )
     return "\n".join(lines)
 
@@ -419,7 +440,7 @@ def command_line(argv: Sequence[str] | None) -> str:
 
 
 def run_cycles(args: argparse.Namespace, started: datetime, command: str) -> list[Path]:
-    with redis_for(args, any(t.startswith("redis") for t in args.targets)) as redis_url:
+    with redis_for(args, any(map(on_redis, args.targets))) as redis_url:
         results, exported = asyncio.run(run_all(args, redis_url))
         env = environment(redis_url, args.targets)
     settings = {key: getattr(args, key) for key in SETTINGS}
@@ -430,7 +451,10 @@ def run_cycles(args: argparse.Namespace, started: datetime, command: str) -> lis
         f"{args.duration:g} s per cell after {args.warmup:g} s warm-up, "
         f"{args.timeout:g} s per call; {env['cpus']} CPUs shared by the load-generating "
         "process, the service process and the store's server (redis-server, the Cassandra "
-        "JVM, the emulator).\n",
+        "JVM, the emulator). CPU µs/call: user + system CPU seconds used in the window ÷ "
+        "calls answered in it, of the target's server process tree (/proc), of this "
+        "process (the clients; `time.process_time`) and of redis-server (/proc); "
+        "/proc counts 10 ms ticks.\n",
         "\n".join(f"- {name}: {text}" for name, text in where.items()) + "\n",
         table(results),
     ]

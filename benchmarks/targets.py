@@ -41,7 +41,6 @@ from contextlib import (
     ExitStack,
     asynccontextmanager,
     redirect_stdout,
-    suppress,
 )
 from datetime import timedelta
 from pathlib import Path
@@ -54,6 +53,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.echo_server import RESPONSES
 from benchmarks.otlp_sink import COUNTS_PREFIX
+from benchmarks.proc import process_tree, socket_inodes, tcp_sockets
 from quorum_quest._rpc import LeaderElectionStub, pb
 from quorum_quest.client import QuorumQuestClient
 from quorum_quest.stores import LockKey, LockStore, store_class
@@ -120,6 +120,7 @@ class Session(Protocol):
 class Target(Protocol):
     name: str
     exported: dict[str, Any]  # what an observed target's telemetry delivered; else empty
+    pid: int | None  # the server process (with its descendants); None: calls run in-process
 
     async def open_session(self) -> Session: ...
 
@@ -201,47 +202,6 @@ async def wait_serving(
                 pass
             await asyncio.sleep(0.1)
     raise RuntimeError(f"the service on {address} was not SERVING in {start_timeout:g} s")
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants that are still running (Linux `/proc`)."""
-    found = [pid]
-    for parent in found:
-        for children in Path(f"/proc/{parent}/task").glob("*/children"):
-            try:
-                found += [int(child) for child in children.read_text().split()]
-            except OSError:
-                continue  # the thread ended
-    return found
-
-
-def tcp_sockets(port: int, state: str) -> set[int]:
-    """Inodes of the TCP sockets on local `port` in `state` ("0A" listen, "01" established)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue  # no IPv6
-        for line in lines:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
-                inodes.add(int(fields[9]))
-    return inodes
-
-
-def socket_inodes(pid: int) -> set[int]:
-    """Inodes of the sockets process `pid` has open."""
-    inodes = set()
-    try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with suppress(OSError):  # closed meanwhile
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes.add(int(target[8:-1]))
-    except OSError:
-        pass  # the process ended
-    return inodes
 
 
 async def wait_listening(pid: int, port: int, workers: int, start_timeout: float) -> None:
@@ -370,9 +330,10 @@ class SdkSession:
 
 
 class SdkTarget:
-    def __init__(self, name: str, address: str, timeout: float) -> None:
+    def __init__(self, name: str, address: str, timeout: float, pid: int | None) -> None:
         self.name = name
         self.exported: dict[str, Any] = {}
+        self.pid = pid
         self._address = address
         self._timeout = timeout
 
@@ -396,7 +357,8 @@ async def echo_target(timeout: float) -> AsyncIterator[ServiceTarget]:
         line = await asyncio.wait_for(process.stdout.readline(), SERVICE_START_TIMEOUT_S)
         if not line.startswith(b"ready "):
             raise RuntimeError(f"the echo server did not start (exit code {process.returncode})")
-        yield ServiceTarget("echo", f"127.0.0.1:{int(line.split()[1])}", timeout)
+        address = f"127.0.0.1:{int(line.split()[1])}"
+        yield ServiceTarget("echo", address, timeout, process.pid)
     finally:
         await stop_service(process)
 
@@ -519,6 +481,7 @@ class DirectTarget:
     def __init__(self, name: str, store: LockStore, timeout: float) -> None:
         self.name = name
         self.exported: dict[str, Any] = {}
+        self.pid: int | None = None  # the store runs in the benchmark process
         self._store = store
         self._timeout = timeout
 
@@ -582,6 +545,11 @@ async def store_server(name: str, run_id: str) -> AsyncIterator[dict[str, Any]]:
 # -- choosing a target ------------------------------------------------------------------
 
 
+def on_redis(name: str) -> bool:
+    """Whether target `name` runs on Redis (and so needs a Redis URL)."""
+    return name.startswith("redis")
+
+
 async def delete_keys(url: str, key_prefix: str) -> int:
     """Delete what a run left in Redis (the fencing counters never expire)."""
     client = aioredis.Redis.from_url(url)
@@ -633,7 +601,7 @@ async def open_target(
     try:
         if name in SDK:
             async with service({"url": redis_url, "key_prefix": key_prefix}) as target:
-                yield SdkTarget(name, target.address, timeout)
+                yield SdkTarget(name, target.address, timeout, target.pid)
         elif backend == "redis":
             async with service({"url": redis_url, "key_prefix": key_prefix}) as target:
                 yield target

@@ -26,33 +26,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from benchmarks.load import OPERATIONS, LoadSettings, measure, percentile, summarize
-from benchmarks.report import spread
-from benchmarks.targets import (
-    REPO_ROOT,
-    ServiceTarget,
-    delete_keys,
+from benchmarks.load import OPERATIONS, LoadSettings, measure, per_call_us, percentile, summarize
+from benchmarks.proc import (
+    cpu_seconds,
+    machine_busy,
     process_tree,
-    service_target,
+    redis_pid,
     socket_inodes,
     tcp_sockets,
 )
+from benchmarks.report import spread
+from benchmarks.targets import REPO_ROOT, ServiceTarget, delete_keys, service_target
 
 LOAD_START_TIMEOUT_S = 30.0  # a load process imports grpc and connects its clients
-TICK = os.sysconf("SC_CLK_TCK")
 ROLES = ("service", "load", "redis")  # whose CPU time is read, besides the machine's
 
 
@@ -107,24 +102,6 @@ def main(argv: Sequence[str]) -> int:
 # -- what the processes use -----------------------------------------------------------------
 
 
-def cpu_seconds(pids: Iterable[int]) -> float:
-    """User + system CPU seconds used so far by the running processes `pids`."""
-    used = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        used += int(fields[11]) + int(fields[12])
-    return used / TICK
-
-
-def machine_busy() -> float:
-    """CPU seconds all cores of the machine spent not idle so far (`/proc/stat`)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(values) - values[3] - values[4]) / TICK  # minus idle and iowait
-
-
 def sample(service_pid: int, loaders: Sequence[int], redis_pid: int | None) -> dict[str, float]:
     """CPU seconds so far per role (redis only when its process is known), and the machine's."""
     used = {
@@ -146,20 +123,6 @@ def connections(service_pid: int, port: int) -> list[int]:
         if sockets & listening:
             per_process.append(len(sockets & established))
     return per_process
-
-
-async def redis_pid(url: str) -> int | None:
-    """redis-server's pid, if it runs on this machine where /proc shows it."""
-    client = aioredis.Redis.from_url(url)
-    try:
-        pid = int((await client.info("server"))["process_id"])
-    finally:
-        await client.aclose()
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return pid if b"redis-server" in command else None  # not a pid of another namespace
 
 
 # -- one run ----------------------------------------------------------------------------------
@@ -322,7 +285,7 @@ def summarize_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "p50_ms": median_of(mine, lambda row: row["latency_ms"]["all"]["p50"]),
                 "p99_ms": median_of(mine, lambda row: row["latency_ms"]["all"]["p99"]),
                 "cpu_us_per_call": {
-                    role: median_of(mine, lambda row, role=role: per_call_us(row, role))
+                    role: median_of(mine, lambda row, role=role: role_per_call(row, role))
                     for role in ROLES
                 },
                 "cores": {
@@ -348,10 +311,9 @@ def cores(row: dict[str, Any], role: str) -> float | None:
     return None if used is None else used / row["duration_s"]
 
 
-def per_call_us(row: dict[str, Any], role: str) -> float | None:
-    """CPU µs per call answered in the window."""
-    used = row["cpu_s"].get(role)
-    return None if used is None or not row["calls"] else used / row["calls"] * 1e6
+def role_per_call(row: dict[str, Any], role: str) -> float | None:
+    """`role`'s CPU µs per call answered in the window."""
+    return per_call_us(row["cpu_s"].get(role), row["calls"])
 
 
 def number(value: float | None, digits: int = 2) -> str:
@@ -394,7 +356,7 @@ def workers_tables(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, A
     ]
     for row in rows:
         latency = row["latency_ms"]["all"]
-        per_call = " / ".join(number(per_call_us(row, role), 0) for role in ROLES)
+        per_call = " / ".join(number(role_per_call(row, role), 0) for role in ROLES)
         busy = " / ".join(number(cores(row, role)) for role in (*ROLES, "machine"))
         lines.append(
             f"| {row['round']} | {row['workers']} | {connections_shown(row)} | "

@@ -34,9 +34,13 @@ def test_cycles_memory_and_echo(tmp_path: Path) -> None:
     results = document["results"]
     assert [r["target"] for r in results] == ["memory", "echo"]
     assert all(r["errors"] == 0 and not r["lost"] and r["cycles_per_s"] > 0 for r in results)
+    assert all(r["cpu_us_per_call"]["server"] > 0 for r in results)
+    assert all(r["cpu_us_per_call"]["client"] > 0 for r in results)
     assert [row["target"] for row in document["ceiling"]] == ["memory"]
+    assert document["ceiling"][0]["total_cpu_ratio"] > 0
     table = next(tmp_path.glob("*.md")).read_text(encoding="utf-8")
     assert "| echo | distinct | 1 |" in table and "calls/s ÷ echo" in table
+    assert "server CPU µs/call" in table and "total CPU ÷ echo" in table
 
 
 @pytest.mark.redis

@@ -15,17 +15,21 @@ holder still believes it leads. So the store starts a *grace period* of `grace_m
 grant, refresh and renewal, and answers `acquire` with `Acquisition(grace=True)`.
 Where several service instances share a backend the grace period is recorded in
 the backend, so all of them refuse alike. With `grace_ms == 0` the loss is still
-detected and logged, but nothing is refused.
+detected and logged, but nothing is refused. `GracePeriod` keeps a store's account
+of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_NAME_BYTES = 256
@@ -59,6 +63,11 @@ class Acquisition:
     refreshed: bool = False
     grace: bool = False
 
+    @classmethod
+    def grace_refusal(cls, left_ms: int) -> Acquisition:
+        """The refusal while the grace period lasts, `left_ms` more."""
+        return cls(False, "", 0, left_ms, grace=True)
+
 
 @dataclass(frozen=True, slots=True)
 class Renewal:
@@ -75,6 +84,77 @@ class Holder:
     client_id: str
     token: int
     remaining_ms: int
+
+
+class GracePeriod:
+    """A store's state-loss grace period, known without a round trip.
+
+    Its end is kept on the monotonic clock. A store that records the grace period in a
+    state marker (`grace_until`, wall-clock ms) `learn`s it from every marker check, runs
+    those checks through `check` so that concurrent callers share one, and reports the
+    loss it found itself through `lost`; `marker` (where the marker is) and `loss` (what
+    its absence means) word those logs, which are logged as the store's own lines.
+    """
+
+    def __init__(self, backend: str, *, marker: str = "", loss: str = "") -> None:
+        self._backend = backend
+        self._marker = marker
+        self._loss = loss
+        self._until = 0  # wall-clock ms, as the marker last showed it
+        self._ends = 0.0  # the same end, time.monotonic() seconds
+        self._checking: asyncio.Future[int] | None = None
+
+    def left_ms(self, now: float | None = None) -> int:
+        """The ms left at `now` (a `time.monotonic()` reading; default: this moment)."""
+        if now is None:
+            now = time.monotonic()
+        return max(0, math.ceil((self._ends - now) * 1000))
+
+    def begin(self, grace_ms: int) -> None:
+        """Refuse for `grace_ms` from now."""
+        self._ends = time.monotonic() + grace_ms / 1000
+
+    async def check(self, check_marker: Callable[[], Awaitable[int]]) -> int:
+        """`check_marker()`, its answer shared with every caller that comes while it runs;
+        a caller that leaves (cancelled) does not cancel it for the others."""
+        if self._checking is None:
+            self._checking = asyncio.ensure_future(check_marker())
+            self._checking.add_done_callback(self._checked)
+        return await asyncio.shield(self._checking)
+
+    def _checked(self, check: asyncio.Future[int]) -> None:
+        self._checking = None
+        if not check.cancelled():
+            check.exception()  # retrieved: a check whose callers all left logs nothing
+
+    def lost(self, grace_until: int, grace_ms: int) -> int:
+        """This store found the loss and recorded a grace period of `grace_ms` until
+        `grace_until`: log the loss (only the finder does) and learn it; the ms left."""
+        self._until = grace_until
+        refused = (
+            f"refusing grants, refreshes and keep-alives for {grace_ms} ms"
+            if grace_ms
+            else "the grace period is off (0 ms): nothing is refused"
+        )
+        logger.opt(depth=1).warning(
+            "{}: lock state lost: {}; {}", self._backend, self._loss, refused
+        )
+        return self.learn(grace_until)
+
+    def learn(self, grace_until: int) -> int:
+        """Take the marker's grace period (the store's truth) as this store's; the ms left."""
+        left = max(0, grace_until - time.time_ns() // 1_000_000)
+        if left and grace_until != self._until:
+            logger.opt(depth=1).info(
+                "{}: the state marker in {} records a grace period after a loss of lock state: "
+                "refusing grants, refreshes and keep-alives for {} ms",
+                self._backend,
+                self._marker,
+                left,
+            )
+        self._until = grace_until
+        self._ends = time.monotonic() + left / 1000
+        return left
 
 
 class StoreSettings(BaseModel):

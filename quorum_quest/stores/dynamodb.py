@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import math
 import os
 import random
 import re
@@ -78,6 +77,7 @@ import time
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -99,6 +99,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from quorum_quest.errors import StoreUnavailable
 from quorum_quest.stores.base import (
     Acquisition,
+    GracePeriod,
     Holder,
     LockKey,
     LockStore,
@@ -270,11 +271,12 @@ class DynamoStore(LockStore):
         self._exit_stack = AsyncExitStack()
         self._client: Any = None
         self._connecting = asyncio.Lock()
-        # The grace period as the marker last showed it: its end in wall-clock ms, and
-        # the same end on the monotonic clock, which the hot path compares with.
-        self._grace_until = 0
-        self._grace_ends = 0.0
-        self._checking: asyncio.Future[int] | None = None
+        self._grace = GracePeriod(
+            self.backend,
+            marker=self._where,
+            loss=f"the state marker item was missing from {self._where} (the table is new, or"
+            " was recreated or emptied)",
+        )
         self._recreating: asyncio.Future[None] | None = None
 
     # -- connection -------------------------------------------------------------------
@@ -575,19 +577,7 @@ class DynamoStore(LockStore):
         )
 
     async def check_state(self) -> int:
-        return await self._check_marker_shared(self._deadline())
-
-    async def _check_marker_shared(self, deadline: float) -> int:
-        """`_check_marker`; concurrent callers (first grants arriving together) share one."""
-        if self._checking is None:
-            self._checking = asyncio.ensure_future(self._check_marker(deadline))
-            self._checking.add_done_callback(self._checked)
-        return await asyncio.shield(self._checking)
-
-    def _checked(self, check: asyncio.Future[int]) -> None:
-        self._checking = None
-        if not check.cancelled():
-            check.exception()  # retrieved: a check whose callers all left logs nothing
+        return await self._grace.check(partial(self._check_marker, self._deadline()))
 
     async def _check_marker(self, deadline: float) -> int:
         """Read the state marker, creating it when missing; the ms of grace left."""
@@ -610,47 +600,14 @@ class DynamoStore(LockStore):
                 old_on_failure=True,
             )
             if created:
-                self._grace_until = grace_until
-                self._log_loss()
-                return self._learn_grace(grace_until)
+                return self._grace.lost(grace_until, self.grace_ms)
             if not marker:  # another instance created it; dynalite does not return it
                 marker = await self._read(STATE_MARKER_KEY, deadline, names)
-        return self._learn_grace(int((marker or {}).get(GRACE_UNTIL, {}).get("N", 0)))
-
-    def _log_loss(self) -> None:
-        refused = (
-            f"refusing grants, refreshes and keep-alives for {self.grace_ms} ms"
-            if self.grace_ms
-            else "the grace period is off (0 ms): nothing is refused"
-        )
-        logger.warning(
-            "dynamodb: lock state lost: the state marker item was missing from {} (the table"
-            " is new, or was recreated or emptied); {}",
-            self._where,
-            refused,
-        )
-
-    def _learn_grace(self, grace_until: int) -> int:
-        """Take the marker's grace period (the store's truth) as this store's; the ms left."""
-        left = max(0, grace_until - _now_ms())
-        if left and grace_until != self._grace_until:
-            logger.info(
-                "dynamodb: the state marker in {} records a grace period after a loss of lock"
-                " state: refusing grants, refreshes and keep-alives for {} ms",
-                self._where,
-                left,
-            )
-        self._grace_until = grace_until
-        self._grace_ends = time.monotonic() + left / 1000
-        return left
-
-    def _grace_left_ms(self) -> int:
-        """The ms left of the grace period as last read: no request."""
-        return max(0, math.ceil((self._grace_ends - time.monotonic()) * 1000))
+        return self._grace.learn(int((marker or {}).get(GRACE_UNTIL, {}).get("N", 0)))
 
     async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
-        if left := self._grace_left_ms():
-            return _grace_refusal(left)
+        if left := self._grace.left_ms():
+            return Acquisition.grace_refusal(left)
         pk = lock_item_key(key)
         deadline = self._deadline()
         lease = _Lease.of(None)
@@ -678,8 +635,8 @@ class DynamoStore(LockStore):
                 # DynamoDB returns the old item with a failed condition, if there is one. None:
                 # the lock's first grant, or a table that lost its items (or an implementation
                 # that returns no old item, dynalite: then the first grant's answer tells).
-                if left := await self._check_marker_shared(deadline):
-                    return _grace_refusal(left)
+                if left := await self._grace.check(partial(self._check_marker, deadline)):
+                    return Acquisition.grace_refusal(left)
                 condition = _FIRST_GRANT_IF
                 continue
             if not item:  # dynalite: read the old item back; the "no" stands either way
@@ -724,7 +681,7 @@ class DynamoStore(LockStore):
         return Renewal(False)
 
     async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
-        if self._grace_left_ms():
+        if self._grace.left_ms():
             return Renewal(False)
         return await self._extend(lock_item_key(key), client_id, ttl_ms, self._deadline())
 
@@ -766,10 +723,6 @@ class _Lease:
 
     def remaining_ms(self, now: int) -> int:
         return max(0, self.expires_at - now)
-
-
-def _grace_refusal(left_ms: int) -> Acquisition:
-    return Acquisition(False, "", 0, left_ms, grace=True)
 
 
 def _now_ms() -> int:

@@ -11,7 +11,6 @@ still believed in, so `start()` always begins the state-loss grace period.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from loguru import logger
 
 from quorum_quest.stores.base import (
     Acquisition,
+    GracePeriod,
     Holder,
     LockKey,
     LockStore,
@@ -49,10 +49,10 @@ class MemoryStore(LockStore):
         # microseconds so that tokens keep rising across a restart of this process.
         self._last_token = time.time_ns() // 1000
         self._next_sweep = 0.0
-        self._grace_until = 0.0  # time.monotonic() seconds
+        self._grace = GracePeriod(self.backend)
 
     async def start(self) -> None:
-        self._grace_until = time.monotonic() + self.grace_ms / 1000
+        self._grace.begin(self.grace_ms)
         if self.grace_ms:
             logger.warning(
                 "memory store started with no lock state: refusing new grants for {:g} s "
@@ -65,7 +65,7 @@ class MemoryStore(LockStore):
         return None
 
     async def check_state(self) -> int:
-        return _grace_left_ms(self._grace_until, time.monotonic())
+        return self._grace.left_ms()
 
     def _live(self, key: LockKey, now: float) -> _Lease | None:
         lease = self._leases.get(key)
@@ -85,8 +85,8 @@ class MemoryStore(LockStore):
 
     async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
         now = time.monotonic()
-        if now < self._grace_until:
-            return Acquisition(False, "", 0, _grace_left_ms(self._grace_until, now), grace=True)
+        if left := self._grace.left_ms(now):
+            return Acquisition.grace_refusal(left)
         self._sweep(now)
         lease = self._live(key, now)
         if lease is None:
@@ -109,7 +109,7 @@ class MemoryStore(LockStore):
         return [self._renew(key, client_id, ttl_ms, now) for key in keys]
 
     def _renew(self, key: LockKey, client_id: str, ttl_ms: int, now: float) -> Renewal:
-        if now < self._grace_until:
+        if self._grace.left_ms(now):
             return Renewal(False)
         lease = self._live(key, now)
         if lease is None or lease.holder != client_id:
@@ -130,10 +130,6 @@ class MemoryStore(LockStore):
         if lease is None:
             return None
         return Holder(lease.holder, lease.token, _remaining_ms(lease, now))
-
-
-def _grace_left_ms(grace_until: float, now: float) -> int:
-    return math.ceil((grace_until - now) * 1000) if now < grace_until else 0
 
 
 def _remaining_ms(lease: _Lease, now: float) -> int:

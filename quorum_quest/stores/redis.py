@@ -395,7 +395,7 @@ class RedisStore(LockStore):
         )
         self._noticed(detected, why)
         if outcome == _GRACE_PERIOD:
-            return Acquisition(False, "", 0, int(ttl), grace=True)
+            return Acquisition.grace_refusal(int(ttl))
         return Acquisition(
             outcome > 0, holder.decode(), int(token), max(0, int(ttl)), refreshed=outcome == 2
         )

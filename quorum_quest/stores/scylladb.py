@@ -67,7 +67,6 @@ learns the truth by calling again (an acquire by the same client refreshes its o
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import re
 import socket
@@ -83,6 +82,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from quorum_quest.errors import StoreUnavailable
 from quorum_quest.stores.base import (
     Acquisition,
+    GracePeriod,
     Holder,
     LockKey,
     LockStore,
@@ -354,11 +354,12 @@ class ScyllaStore(LockStore):
         self._cluster = acsylla.create_cluster(hosts, **options)
         self._session: acsylla.Session | None = None
         self._statements: dict[str, acsylla.PreparedStatement] = {}
-        # The grace period as the marker last showed it: its end in wall-clock ms, and
-        # the same end on the monotonic clock, which the hot path compares with.
-        self._grace_until = 0
-        self._grace_ends = 0.0
-        self._checking: asyncio.Future[int] | None = None
+        self._grace = GracePeriod(
+            self.backend,
+            marker=self._table,
+            loss=f"the state marker row was missing from {self._table} on {self._where} (the "
+            "table is new, or was truncated or recreated, or its replicas lost their data)",
+        )
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -524,15 +525,7 @@ class ScyllaStore(LockStore):
 
     async def check_state(self) -> int:
         """Concurrent callers (first grants arriving together, say) share one check."""
-        if self._checking is None:
-            self._checking = asyncio.ensure_future(self._check_marker())
-            self._checking.add_done_callback(self._checked)
-        return await asyncio.shield(self._checking)
-
-    def _checked(self, check: asyncio.Future[int]) -> None:
-        self._checking = None
-        if not check.cancelled():
-            check.exception()  # retrieved: a check whose callers all left logs nothing
+        return await self._grace.check(self._check_marker)
 
     async def _check_marker(self) -> int:
         """Read the state marker serially, creating it when missing; the ms of grace left."""
@@ -547,49 +540,14 @@ class ScyllaStore(LockStore):
                 [STATE_MARKER.service, STATE_MARKER.domain, _INSTANCE, grace_until, now_ms],
             )
             if applied:
-                self._grace_until = grace_until
-                self._log_loss()
-                return self._learn_grace(grace_until)
+                return self._grace.lost(grace_until, self.grace_ms)
             if marker is None or marker.expires_at is None:
                 marker = await self._read(operation, STATE_MARKER)
-        return self._learn_grace(marker.expires_at or 0)
-
-    def _log_loss(self) -> None:
-        refused = (
-            f"refusing grants, refreshes and keep-alives for {self.grace_ms} ms"
-            if self.grace_ms
-            else "the grace period is off (0 ms): nothing is refused"
-        )
-        logger.warning(
-            "scylladb: lock state lost: the state marker row was missing from {} on {} (the "
-            "table is new, or was truncated or recreated, or its replicas lost their data); "
-            "{}",
-            self._table,
-            self._where,
-            refused,
-        )
-
-    def _learn_grace(self, grace_until: int) -> int:
-        """Take the marker's grace period (the store's truth) as this store's; the ms left."""
-        left = max(0, grace_until - _now_ms())
-        if left and grace_until != self._grace_until:
-            logger.info(
-                "scylladb: the state marker in {} records a grace period after a loss of lock "
-                "state: refusing grants, refreshes and keep-alives for {} ms",
-                self._table,
-                left,
-            )
-        self._grace_until = grace_until
-        self._grace_ends = time.monotonic() + left / 1000
-        return left
-
-    def _grace_left_ms(self) -> int:
-        """The ms left of the grace period as last read: no round trip."""
-        return max(0, math.ceil((self._grace_ends - time.monotonic()) * 1000))
+        return self._grace.learn(marker.expires_at or 0)
 
     async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
-        if left := self._grace_left_ms():
-            return _grace_refusal(left)
+        if left := self._grace.left_ms():
+            return Acquisition.grace_refusal(left)
         seen: _Row | None = await self._read("acquire", key)
         for _ in range(_MAX_ROUNDS):
             if seen is None:  # a refused LWT always shows its condition columns; be safe
@@ -597,7 +555,7 @@ class ScyllaStore(LockStore):
             now_ms = _now_ms()
             if seen.token is None:  # no row: the lock's first grant, or the table lost its rows
                 if left := await self.check_state():
-                    return _grace_refusal(left)
+                    return Acquisition.grace_refusal(left)
                 now_ms, token = _now_ms(), _now_us()
                 applied, seen = await self._lwt(
                     "acquire",
@@ -642,7 +600,7 @@ class ScyllaStore(LockStore):
         return Acquisition(False, "", 0, 0)
 
     async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
-        if self._grace_left_ms():
+        if self._grace.left_ms():
             return Renewal(False)
         now_ms = _now_ms()
         ends = now_ms + ttl_ms
@@ -691,10 +649,6 @@ def _reaches(seen: _Row | None, client_id: str, ends: int, token: int | None = N
         and seen.expires_at >= ends
         and (token is None or seen.token is None or seen.token == token)
     )
-
-
-def _grace_refusal(left_ms: int) -> Acquisition:
-    return Acquisition(False, "", 0, left_ms, grace=True)
 
 
 def _now_ms() -> int:

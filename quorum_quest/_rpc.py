@@ -5,8 +5,8 @@ method table lives here: the server registers a servicer through
 `grpc.method_handlers_generic_handler`, and the client builds its stub from the
 same table.
 
-Two codecs serve the same `.proto`. The SDK, the tests and every other user speak
-`pb`, the generated betterproto2 dataclasses. The server's hot path speaks `wire`:
+Two codecs serve the same `.proto`. Tests, tools and users of the raw stub speak
+`pb`, the generated betterproto2 dataclasses. The server and the SDK speak `wire`:
 protobuf's own (upb, C) message classes, built at import from the file descriptors
 betterproto2 generated alongside its dataclasses, in its private descriptor pool.
 Decoding a request and encoding an answer costs ~3 µs there against ~40 µs with
@@ -91,7 +91,11 @@ def service_handler(servicer: object) -> grpc.GenericRpcHandler:
 
 
 class LeaderElectionStub:
-    """A grpc.aio client of the service: one awaitable callable per RPC."""
+    """A grpc.aio client of the service: one awaitable callable per RPC.
+
+    It sends and answers `messages` (a module or namespace naming every message of the
+    service): `pb` by default, `wire` for a caller that wants protobuf's own messages.
+    """
 
     try_acquire_lock: grpc.aio.UnaryUnaryMultiCallable
     release_lock: grpc.aio.UnaryUnaryMultiCallable
@@ -100,11 +104,13 @@ class LeaderElectionStub:
     get_status: grpc.aio.UnaryUnaryMultiCallable
     keep_alive_many: grpc.aio.UnaryUnaryMultiCallable
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, messages: Any = pb) -> None:
         for method in METHODS:
+            request = getattr(messages, method.request.__name__)
+            response = getattr(messages, method.response.__name__)
             call = channel.unary_unary(
                 method.path,
-                request_serializer=method.request.SerializeToString,
-                response_deserializer=method.response.FromString,
+                request_serializer=request.SerializeToString,
+                response_deserializer=response.FromString,
             )
             setattr(self, method.attribute, call)

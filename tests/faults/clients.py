@@ -115,8 +115,13 @@ class ProcessSpec:
         return cls(plan=plan, clients=clients, **raw)
 
 
-def _seconds(duration: timedelta | None) -> float:
-    return duration.total_seconds() if duration is not None else 0.0
+def _seconds(duration: Any) -> float:
+    """A duration as the raw stub (timedelta or None) or the SDK (a Duration message) has it."""
+    if duration is None:
+        return 0.0
+    if isinstance(duration, timedelta):
+        return duration.total_seconds()
+    return duration.seconds + duration.nanos / 1e9
 
 
 def observed(op: str, request: Any, response: Any) -> dict[str, Any]:

@@ -63,6 +63,10 @@ class _Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
+# A batch renewal runs one script per this many locks, all sent in one write: one
+# state-marker check per script, and Redis (single-threaded) busy ~1 ms at most per script.
+LOCKS_PER_SCRIPT = 500
+
 # KEYS[1] state marker; ARGV[1] grace_ms. Returns the ms left of the grace period (0:
 # none) and 1 when this call found the state lost (then also why), recording the loss.
 # Lua numbers are doubles: exact up to 2**53 (year 2255 in microseconds), but they
@@ -145,6 +149,29 @@ return {0, detected, why}
 """
 )
 
+# KEYS[1] state marker, KEYS[2..] lock hashes; ARGV as _KEEP_ALIVE.
+# -> {detected, reason, then per lock as _KEEP_ALIVE: token, 0 or -1}
+_KEEP_ALIVE_MANY = _Script(
+    _GRACE
+    + """
+local left, detected, why = grace(KEYS[1], ARGV[3])
+local answers = {detected, why}
+for i = 2, #KEYS do
+  local answer = -1
+  if left == 0 then
+    answer = 0
+    local lease = redis.call('HMGET', KEYS[i], 'holder', 'token')
+    if lease[1] == ARGV[1] then
+      redis.call('PEXPIRE', KEYS[i], ARGV[2])
+      answer = tonumber(lease[2])
+    end
+  end
+  answers[i + 1] = answer
+end
+return answers
+"""
+)
+
 # KEYS[1] lock hash; ARGV[1] client_id, ARGV[2] token or '0' for any. -> 1 if deleted
 _RELEASE = _Script("""
 local lease = redis.call('HMGET', KEYS[1], 'holder', 'token')
@@ -215,7 +242,7 @@ class RedisSettings(StoreSettings):
 
 # `_ACQUIRE`'s outcome while the state-loss grace period lasts.
 _GRACE_PERIOD = 3
-_SCRIPTS = (_CHECK_STATE, _ACQUIRE, _KEEP_ALIVE, _RELEASE, _GET_LEADER)
+_SCRIPTS = (_CHECK_STATE, _ACQUIRE, _KEEP_ALIVE, _KEEP_ALIVE_MANY, _RELEASE, _GET_LEADER)
 
 
 class _SentinelBlockingPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
@@ -413,9 +440,17 @@ class RedisStore(LockStore):
     ) -> list[Renewal]:
         if not keys:
             return []
-        locks = [[self._lock_key(key), self._marker] for key in keys]
-        replies = await self._run_each(_KEEP_ALIVE, locks, [client_id, ttl_ms, self.grace_ms])
-        return [self._renewal(reply) for reply in replies]
+        locks = [self._lock_key(key) for key in keys]
+        chunks = [
+            [self._marker, *locks[start : start + LOCKS_PER_SCRIPT]]
+            for start in range(0, len(locks), LOCKS_PER_SCRIPT)
+        ]
+        replies = await self._run_each(_KEEP_ALIVE_MANY, chunks, [client_id, ttl_ms, self.grace_ms])
+        renewals = []
+        for detected, why, *tokens in replies:
+            self._noticed(detected, why)
+            renewals += [Renewal(token > 0, max(0, int(token))) for token in tokens]
+        return renewals
 
     def _renewal(self, reply: list[Any]) -> Renewal:
         token, detected, why = reply

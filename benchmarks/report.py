@@ -3,7 +3,8 @@
 python -m benchmarks.report RESULT.json [RESULT.json ...]
 
 prints, per (target, scenario, clients), the median and range over those runs of
-calls/s, cycles/s and calls/s ÷ echo calls/s: the numbers to quote for a change.
+calls/s, cycles/s, calls/s ÷ echo calls/s and CPU per call (the server's, its ratio to
+echo's, and redis-server's): the numbers to quote for a change.
 """
 
 from __future__ import annotations
@@ -184,26 +185,38 @@ def spread(values: Sequence[float], digits: int = 0) -> str:
 
 def over_runs(documents: Sequence[dict[str, Any]]) -> str:
     """One Markdown table: median (min–max) over the runs, per cell."""
-    calls: dict[tuple[Any, ...], list[float]] = {}
-    cycles: dict[tuple[Any, ...], list[float]] = {}
-    ratios: dict[tuple[Any, ...], list[float]] = {}
+    columns: dict[tuple[Any, ...], dict[str, list[float]]] = {}
+
+    def add(cell: tuple[Any, ...], column: str, value: float | None) -> None:
+        if value is not None:
+            columns.setdefault(cell, {}).setdefault(column, []).append(value)
+
     for document in documents:
         for r in document["results"]:
             cell = tuple(r[key] for key in CELL_ORDER)
-            calls.setdefault(cell, []).append(r["calls_per_s"])
-            cycles.setdefault(cell, []).append(r["cycles_per_s"])
+            add(cell, "calls", r["calls_per_s"])
+            add(cell, "cycles", r["cycles_per_s"])
+            for role in ("server", "redis"):
+                add(cell, role, r.get("cpu_us_per_call", {}).get(role))
         for row in ceiling_rows(document["results"]):
-            ratios.setdefault(tuple(row[key] for key in CELL_ORDER), []).append(row["calls_ratio"])
+            cell = tuple(row[key] for key in CELL_ORDER)
+            add(cell, "ratio", row["calls_ratio"])
+            add(cell, "server ratio", row["server_cpu_ratio"])
     lines = [
         f"Median (min–max) over {len(documents)} runs:\n",
-        "| target | scenario | clients | calls/s | cycles/s | calls/s ÷ echo |",
-        "|---|---|---|---|---|---|",
+        "| target | scenario | clients | calls/s | cycles/s | calls/s ÷ echo "
+        "| server CPU µs/call | server CPU ÷ echo | redis CPU µs/call |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for cell, values in calls.items():
-        ratio = spread(ratios[cell], 2) if cell in ratios else "-"
+    for cell, values in columns.items():
+
+        def show(column: str, digits: int = 0, values: dict[str, list[float]] = values) -> str:
+            return spread(values[column], digits) if column in values else "-"
+
         lines.append(
-            f"| {' | '.join(map(str, cell))} | {spread(values)} | {spread(cycles[cell])} "
-            f"| {ratio} |"
+            f"| {' | '.join(map(str, cell))} | {show('calls')} | {show('cycles')} "
+            f"| {show('ratio', 2)} | {show('server')} | {show('server ratio', 2)} "
+            f"| {show('redis')} |"
         )
     return "\n".join(lines)
 

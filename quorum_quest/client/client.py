@@ -255,9 +255,7 @@ class QuorumQuestClient:
         await self._notify(self.callbacks.on_leader_elected, self._lease)
         return True
 
-    def _new_lease(
-        self, service: str, domain: str, response: Any, sent_at: float
-    ) -> Lease:
+    def _new_lease(self, service: str, domain: str, response: Any, sent_at: float) -> Lease:
         """The lease a grant (`wire.TryAcquireLockResponse`) sent at `sent_at` gives."""
         granted = _duration_s(response.lease_length)
         return Lease(
@@ -269,9 +267,7 @@ class QuorumQuestClient:
             sent_at + granted - self.safety_margin,
         )
 
-    async def _grant(
-        self, service: str, domain: str, wait: float = 0.0
-    ) -> tuple[Any, float]:
+    async def _grant(self, service: str, domain: str, wait: float = 0.0) -> tuple[Any, float]:
         """Try to acquire (service, domain): the answer and the earliest time (monotonic)
         its lease can have begun: the send time, plus what the service says it waited."""
         sent_at = time.monotonic()
@@ -299,9 +295,7 @@ class QuorumQuestClient:
             response = wire.TryAcquireLockResponse(is_leader=False)
         return response, sent_at
 
-    async def _acquire(
-        self, service: str, domain: str, wait: float = 0.0
-    ) -> Any:
+    async def _acquire(self, service: str, domain: str, wait: float = 0.0) -> Any:
         return await self._call(
             self.stub.try_acquire_lock,
             wire.TryAcquireLockRequest(

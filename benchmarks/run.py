@@ -7,6 +7,8 @@ uv run python -m benchmarks.run [--targets echo,memory,redis,redis-direct]
 uv run python -m benchmarks.run --mode failover [--ttl 3] [--rounds 5] [--waiters 3]
 uv run python -m benchmarks.run --mode workers [--workers 1,2] [--load-processes 2]
     [--clients 50] [--duration 5] [--rounds 3]
+uv run python -m benchmarks.run --mode many-leases [--leases 1000,10000,50000] [--ttl 15]
+    [--duration 30] [--find-max]   (the options of `python -m benchmarks.many_leases`)
 
 More targets: redis-sdk (the redis service through the SDK's client objects);
 memory+obs and redis+obs (observability fully on), e.g.
@@ -33,6 +35,7 @@ from urllib.parse import urlsplit
 
 import redis
 
+from benchmarks import many_leases
 from benchmarks.failover import (
     FailoverSettings,
     expected_ms,
@@ -52,6 +55,9 @@ from tests.backends.dynamodb import DYNALITE_VERSION
 from tests.backends.redis import RedisProcess
 
 RESULTS_DIR = Path(__file__).parent / "results"
+# A mode with options of its own, run by its module.
+MANY_LEASES = "many-leases"
+MANY_LEASES_COMMAND = "python -m benchmarks.many_leases"
 SETTINGS = (
     "mode",
     "targets",
@@ -128,11 +134,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--mode",
-        choices=tuple(DEFAULTS),
+        choices=(*DEFAULTS, MANY_LEASES),
         default="cycles",
         help="cycles: the matrix of targets (default); failover: how long a lock stays "
         "unheld after its leader dies or exits; workers: the redis service with 1, 2, ... "
-        "worker processes under several load processes",
+        "worker processes under several load processes; many-leases: one client renewing "
+        f"N leases in batches (takes the options of {MANY_LEASES_COMMAND})",
     )
     parser.add_argument(
         "--results-dir",
@@ -582,7 +589,19 @@ def loads(values: Sequence[float]) -> str:
 MODES = {"cycles": run_cycles, "failover": run_failover_mode, "workers": run_workers_mode}
 
 
+def mode_and_rest(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The --mode given, and the other arguments."""
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--mode")
+    known, rest = mode.parse_known_args(argv)
+    return known.mode, rest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    mode, rest = mode_and_rest(argv)
+    if mode == MANY_LEASES:
+        return many_leases.main(rest)
     args = parse_args(argv)
     configure_logging(LoggerSettings(level="WARNING"))
     started = datetime.now(UTC)

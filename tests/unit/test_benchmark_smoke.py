@@ -67,3 +67,12 @@ def test_workers(tmp_path: Path) -> None:
     assert [len(r["connections_per_worker"]) for r in runs] == [1, 2]
     assert all(r["cpu_s"]["service"] > 0 and r["cpu_s"]["load"] > 0 for r in runs)
     assert "÷ 1 worker" in next(tmp_path.glob("*.md")).read_text(encoding="utf-8")
+
+
+@pytest.mark.redis
+def test_many_leases(tmp_path: Path) -> None:
+    document = run_harness(
+        tmp_path, *("--mode", "many-leases", "--leases", "20", "--ttl", "3", "--duration", "1")
+    )
+    [row] = document["results"]
+    assert row["leases"] == 20 and row["sustained"]

@@ -45,6 +45,7 @@ from quorum_quest.stores.redis import (
     _RELEASE,
     RedisSettings,
     RedisStore,
+    _lock_name,
 )
 from tests.backends.redis import RedisProcess
 
@@ -107,12 +108,14 @@ async def client(
     run: Run, store: RedisStore, name: str, counts: list[int], stop: asyncio.Event
 ) -> None:
     """acquire -> keep-alive -> release on a lock of its own until `stop`; counts ops."""
-    lock, marker = store._lock_key(LockKey("bench", name)), store._marker
+    key = LockKey("bench", name)
+    lock, marker = store._lock_key(key), store._marker
     acquire_keys, keep_keys = [lock, f"{lock}:token", marker], [lock, marker]
+    release_keys, published = [lock, f"{lock}:waiting"], [store._channel, _lock_name(key)]
     while not stop.is_set():
         outcome, token, *_ = await run("acquire", acquire_keys, [name, TTL_MS, 0])
         renewed, *_ = await run("keep_alive", keep_keys, [name, TTL_MS, 0])
-        released = await run("release", [lock], [name, str(token)])
+        released = await run("release", release_keys, [name, str(token), *published])
         if outcome != 1 or renewed != token or released != 1:
             raise RuntimeError(f"{name}: unexpected replies {outcome} {renewed} {released}")
         counts[0] += 3

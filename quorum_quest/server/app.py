@@ -71,6 +71,7 @@ class LockServer:
             LeaseBook(),
             started=time.monotonic(),
         )
+        self.runtime.current.store.notify_releases(self.runtime.releases.released)
         # The tracing interceptor costs every call a few percent even with a no-op
         # tracer, so it is installed only when traces are exported from the start; it
         # then follows every reload of the observability settings.
@@ -199,6 +200,7 @@ class LockServer:
         store = old.store
         if (new.backend.type, new.store) != (old.settings.backend.type, old.settings.store):
             store = create_store(new)
+            store.notify_releases(self.runtime.releases.released)
             try:
                 await store.start()
             except StoreUnavailable as exc:

@@ -99,10 +99,12 @@ class LeaseBook:
 
 
 class Releases:
-    """Wakes acquire calls waiting on a lock when it is released through this instance.
+    """Wakes acquire calls waiting on a lock when it is released.
 
-    Only releases seen here wake waiters; a waiter also wakes when the holder's
-    lease is due to end or its own wait is over, and then asks the store again.
+    Releases through this instance wake waiters, and so do releases through other
+    instances that the store tells of (`LockStore.notify_releases`); a waiter also
+    wakes when the holder's lease is due to end or its own wait is over, and then
+    asks the store again.
     """
 
     def __init__(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -258,7 +259,8 @@ class LeaderElectionServicer:
         refused: Acquisition,
         wait_ms: int,
     ) -> tuple[Acquisition, float]:
-        """Wait for `key` to be released here or its holder's lease to end, then try again.
+        """Wait for `key` to be released (through any instance, where the store tells
+        releases; else through this one) or its holder's lease to end, then try again.
 
         Returns the last answer and how long was waited before the attempt that gave it,
         which the caller adds to its send time: the lease cannot have begun earlier.
@@ -270,6 +272,8 @@ class LeaderElectionServicer:
             stop = min(stop, deadline - WAIT_DEADLINE_MARGIN_S)
         releases = self._runtime.releases
         result, waited = refused, 0.0
+        if stop > started:
+            await snapshot.store.expect_release(key, math.ceil((stop - started) * 1000))
         while (now := time.monotonic()) < stop and not releases.closed:
             holder_left = max(result.ttl_ms / 1000, MIN_RETRY_S) + EXPIRY_SLACK_S
             await releases.wait(key, min(stop - now, holder_left))

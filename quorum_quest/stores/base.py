@@ -181,6 +181,20 @@ class LockStore(ABC):
         #: How long new grants are refused after a detected loss of the lock state.
         #: The service may change it on a reload; it applies from the next detection.
         self.grace_ms = grace_ms
+        #: Called with a lock some caller here waits on (`expect_release`) when it is
+        #: released through any service instance; set with `notify_releases`.
+        self.released: Callable[[LockKey], None] | None = None
+
+    def notify_releases(self, released: Callable[[LockKey], None]) -> None:
+        """Before `start()`: have `released(key)` called for the locks `expect_release`
+        names when they are released, through this service instance or another. A store
+        that cannot tell (the default) never calls it: a waiter then asks again when the
+        holder's lease is due to end."""
+        self.released = released
+
+    async def expect_release(self, key: LockKey, wait_ms: int) -> None:  # noqa: B027
+        """A caller here waits up to `wait_ms` for `key` to be released (see
+        `notify_releases`); raise `StoreUnavailable` if the backend cannot be told."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect and prepare the backend; raise `StoreUnavailable` if it cannot be reached."""

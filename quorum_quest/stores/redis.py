@@ -4,15 +4,23 @@ Keys (with the default `key_prefix: lock`):
 
     lock:{<service>:<domain>}          hash {holder, token}, expires with the lease
     lock:{<service>:<domain>}:token    the lock's fencing counter, never expires
+    lock:{<service>:<domain>}:waiting  set while a caller waits for the lock's release
     lock:state                         the state marker {run_id, grace_until, ...}
+    lock:released                      pub/sub channel: releases of awaited locks
 
 service and domain are percent-encoded, so ':' inside a name cannot make two pairs
-collide, and '{'/'}' cannot break the hash tag. A batch of renewals is one
-non-transactional pipeline of the single-lock script: one round trip, each script
-atomic on its own. The counter outlives the lease on purpose: a token must stay
-larger than every token issued before, also after expiry and release. It is
-floored at the server's clock in microseconds, so a counter lost with the data
-still never repeats a token.
+collide, and '{'/'}' cannot break the hash tag. A batch of renewals is one write of
+scripts of up to `LOCKS_PER_SCRIPT` locks each: one round trip, each script atomic on
+its own.
+
+Waiting for a release. An acquire that waits (`wait_ms`) sets the lock's waiting
+flag; a release that finds the flag publishes the lock's name, and every service
+instance subscribed (the one the service starts with `notify_releases`) wakes its
+waiters on that lock, wherever the release came in.
+
+The counter outlives the lease on purpose: a token must stay larger than every token
+issued before, also after expiry and release. It is floored at the server's clock in
+microseconds, so a counter lost with the data still never repeats a token.
 
 State loss. The marker names the Redis server (`run_id`) that last confirmed the
 state. A script that grants or renews first compares it with the server it runs
@@ -27,12 +35,13 @@ Redis primary (standalone or behind Sentinel), not Redis Cluster.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import redis.asyncio as aioredis
 from loguru import logger
@@ -172,11 +181,15 @@ return answers
 """
 )
 
-# KEYS[1] lock hash; ARGV[1] client_id, ARGV[2] token or '0' for any. -> 1 if deleted
+# KEYS[1] lock hash, KEYS[2] its waiting flag; ARGV[1] client_id, ARGV[2] token or '0'
+# for any, ARGV[3] the release channel, ARGV[4] the lock's name. -> 1 if deleted.
+# A release of a lock someone waits on (the flag is set) is published.
 _RELEASE = _Script("""
 local lease = redis.call('HMGET', KEYS[1], 'holder', 'token')
 if lease[1] == ARGV[1] and (ARGV[2] == '0' or lease[2] == ARGV[2]) then
-  return redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+  return 1
 end
 return 0
 """)
@@ -240,6 +253,12 @@ class RedisSettings(StoreSettings):
         return value
 
 
+# A waiting flag outlives the wait it announces by this much.
+WAITING_SLACK_MS = 1_000
+# The release subscriber reads with this timeout (so it checks its connection), and
+# waits this long before subscribing again after losing it.
+SUBSCRIBER_POLL_S = 1.0
+
 # `_ACQUIRE`'s outcome while the state-loss grace period lasts.
 _GRACE_PERIOD = 3
 _SCRIPTS = (_CHECK_STATE, _ACQUIRE, _KEEP_ALIVE, _KEEP_ALIVE_MANY, _RELEASE, _GET_LEADER)
@@ -257,6 +276,8 @@ class RedisStore(LockStore):
     def __init__(self, settings: RedisSettings, *, grace_ms: int = 0) -> None:
         super().__init__(settings, grace_ms=grace_ms)
         self._marker = f"{settings.key_prefix}:state"
+        self._channel = f"{settings.key_prefix}:released"
+        self._subscriber: asyncio.Task[None] | None = None
         # Scripts run over one pipelined connection (`RedisPipe`): each command costs
         # a few µs of CPU instead of redis-py's ~60. Sentinel deployments use
         # redis-py, which asks Sentinel for the primary on every new connection.
@@ -316,8 +337,7 @@ class RedisStore(LockStore):
         )
 
     def _lock_key(self, key: LockKey) -> str:
-        name = f"{quote(key.service, safe='')}:{quote(key.domain, safe='')}"
-        return f"{self.settings.key_prefix}:{{{name}}}"
+        return f"{self.settings.key_prefix}:{{{_lock_name(key)}}}"
 
     def _noticed(self, detected: int, why: bytes | str) -> None:
         """Log a state loss that a script just found and recorded (once per loss)."""
@@ -390,8 +410,13 @@ class RedisStore(LockStore):
     async def start(self) -> None:
         await self.ping()
         await self.check_state()
+        if self.released is not None:
+            self._subscriber = asyncio.create_task(self._watch_releases(self.released))
 
     async def close(self) -> None:
+        if self._subscriber is not None:
+            self._subscriber.cancel()
+            await asyncio.gather(self._subscriber, return_exceptions=True)
         if self._pipe is not None:
             await self._pipe.close()
         if self._redis is not None:
@@ -458,8 +483,72 @@ class RedisStore(LockStore):
         return Renewal(token > 0, max(0, int(token)))
 
     async def release(self, key: LockKey, client_id: str, token: int = 0) -> bool:
-        keys, args = [self._lock_key(key)], [client_id, str(token)]
+        lock = self._lock_key(key)
+        keys = [lock, f"{lock}:waiting"]
+        args = [client_id, str(token), self._channel, _lock_name(key)]
         return bool(await self._run(_RELEASE, keys, args))
+
+    async def expect_release(self, key: LockKey, wait_ms: int) -> None:
+        """Set the lock's waiting flag, so that its release is published."""
+        if self.released is None:
+            return
+        flag, expires = f"{self._lock_key(key)}:waiting", wait_ms + WAITING_SLACK_MS
+        try:
+            if self._pipe is not None:
+                await self._pipe.execute("SET", flag, 1, "PX", expires)
+            else:
+                assert self._redis is not None
+                await self._redis.set(flag, 1, px=expires)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(self.backend, f"{self._where}: {exc}") from exc
+
+    async def _watch_releases(self, released: Callable[[LockKey], None]) -> None:
+        """Hand every release published on the channel to `released`, until cancelled.
+
+        On its own connection (pub/sub takes one over); after losing it, it subscribes
+        again, and waiters meanwhile wake when the holder's lease is due to end.
+        """
+        client = self._redis or self._subscriber_client()
+        lost = False
+        try:
+            while True:
+                try:
+                    async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                        await pubsub.subscribe(self._channel)
+                        if lost:
+                            logger.info("redis release notifications resumed on {}", self._where)
+                            lost = False
+                        while True:
+                            message = await pubsub.get_message(timeout=SUBSCRIBER_POLL_S)
+                            if message is not None:
+                                released(_lock_of(message["data"]))
+                except (RedisError, OSError) as exc:
+                    if not lost:
+                        logger.warning(
+                            "redis release notifications stopped on {}: {}; waiters wake at "
+                            "their holder's lease end until they resume",
+                            self._where,
+                            exc,
+                        )
+                    lost = True
+                    await asyncio.sleep(SUBSCRIBER_POLL_S)
+        finally:
+            if client is not self._redis:
+                await client.aclose()
+
+    def _subscriber_client(self) -> aioredis.Redis:
+        """A redis-py client of the same server for the subscription: reads block."""
+        settings = self.settings
+        options: dict[str, Any] = {
+            "username": settings.username or None,
+            "password": settings.password or None,
+            "socket_connect_timeout": settings.timeout,
+        }
+        if settings.url:
+            return aioredis.Redis.from_url(settings.url, **options)
+        return aioredis.Redis(
+            host=settings.host, port=settings.port, db=settings.db, ssl=settings.tls, **options
+        )
 
     async def get_leader(self, key: LockKey) -> Holder | None:
         lease = await self._run(_GET_LEADER, [self._lock_key(key)], [])
@@ -467,3 +556,13 @@ class RedisStore(LockStore):
             return None
         holder, token, remaining = lease
         return Holder(holder.decode(), int(token), max(0, int(remaining)))
+
+
+def _lock_name(key: LockKey) -> str:
+    """`service:domain`, each percent-encoded, so the ':' between them is the only one."""
+    return f"{quote(key.service, safe='')}:{quote(key.domain, safe='')}"
+
+
+def _lock_of(name: bytes) -> LockKey:
+    service, _, domain = name.decode().partition(":")
+    return LockKey(unquote(service), unquote(domain))

@@ -98,8 +98,9 @@ async def test_replies_equal_redis_py_replies(redis_url: str, prefix: str) -> No
         keys, args = [lock, marker], ["a", 5000, 0]
         assert await pipe.evalsha(keep_alive, keys, args) == [granted[1], 0, b""]
         assert await client.evalsha(keep_alive, 2, *keys, *args) == [granted[1], 0, b""]
-        assert await pipe.evalsha(release, [lock], ["a", str(granted[1])]) == 1
-        assert await client.evalsha(release, 1, lock, "a", "0") == 0
+        keys, published = [lock, f"{lock}:waiting"], [f"{prefix}:released", "svc:dom"]
+        assert await pipe.evalsha(release, keys, ["a", str(granted[1]), *published]) == 1
+        assert await client.evalsha(release, 2, *keys, "a", "0", *published) == 0
     finally:
         await pipe.close()
         await client.aclose()

@@ -11,7 +11,7 @@ from redis.crc import key_slot
 
 from quorum_quest.errors import StoreUnavailable
 from quorum_quest.stores import LockKey, store_class
-from quorum_quest.stores.redis import RedisSettings, RedisStore
+from quorum_quest.stores.redis import SUBSCRIBER_POLL_S, RedisSettings, RedisStore
 from tests.backends import free_port
 from tests.backends.redis import RedisProcess
 
@@ -202,4 +202,39 @@ async def test_a_batch_renewal_is_refused_during_the_grace_period(
         assert [renewal.renewed for renewal in renewals] == [False, False, False]
     finally:
         await admin.aclose()
+        await store.close()
+
+
+async def test_release_notifications_resume_after_a_redis_restart() -> None:
+    with RedisProcess() as server:
+        store = make_store(url=server.url)
+        released: asyncio.Queue[LockKey] = asyncio.Queue()
+        store.notify_releases(released.put_nowait)
+        await store.start()
+        try:
+            key = LockKey("svc", "a:b/c")  # characters the published name must carry
+            for moment in ("before", "after"):
+                if moment == "after":
+                    server.restart()
+                    await asyncio.sleep(SUBSCRIBER_POLL_S * 2.5)  # lost, then subscribed again
+                granted = await store.acquire(key, "alice", 10_000)
+                assert granted.acquired
+                await store.expect_release(key, 5_000)
+                await asyncio.sleep(0.2)  # a subscriber that is back in time to hear it
+                assert await store.release(key, "alice", granted.token)
+                assert await asyncio.wait_for(released.get(), timeout=SUBSCRIBER_POLL_S * 5) == key
+        finally:
+            await store.close()
+
+
+async def test_no_subscription_and_no_waiting_flag_without_a_listener(
+    redis_url: str, prefix: str
+) -> None:
+    store = make_store(url=redis_url, key_prefix=prefix)
+    await store.start()
+    try:
+        key = LockKey("svc", "dom")
+        await store.expect_release(key, 5_000)
+        assert await keys_of(redis_url, f"{prefix}:*waiting") == []
+    finally:
         await store.close()

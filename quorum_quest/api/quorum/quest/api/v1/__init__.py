@@ -344,8 +344,9 @@ class TryAcquireLockRequest(betterproto2.Message):
     wait_ms: "int" = betterproto2.field(6, betterproto2.TYPE_UINT32)
     """
     When > 0 and another client holds the lock: wait up to this many ms (and
-    never past the call's deadline) for the lock to be released through this
-    service instance or for the holder's lease to end, then try once more.
+    never past the call's deadline) for the lock to be released (through this
+    service instance, or through any instance on a store that publishes
+    releases: Redis) or for the holder's lease to end, then try once more.
     The answer is the usual one; 0 answers at once.
     """
 

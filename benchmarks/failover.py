@@ -15,6 +15,9 @@ goes away:
 - `graceful`: the harness writes `exit` to the leader's stdin; the leader leaves its
   `async with` block, which releases the lock, and prints `released <t_exit> <t_done>`.
   The clock starts when the block is left (`t_exit`).
+- `graceful-across`: the same, with two service instances on the one Redis, as behind
+  a load balancer: the leader calls the first, the waiters the second, so the release
+  reaches the waiters only through the store's release notifications.
 
 The clock stops when a waiter's `leadership()` body starts, i.e. a waiter holds the
 lock. Times are `time.monotonic()` (CLOCK_MONOTONIC on Linux, shared by all processes).
@@ -37,13 +40,21 @@ from benchmarks.targets import REPO_ROOT, delete_keys, service_target
 from quorum_quest._rpc import LeaderElectionStub, pb
 from quorum_quest.client import QuorumQuestClient
 
-CASES = ("kill", "graceful")
+CASES = ("kill", "graceful", "graceful-across")
 SERVICE = "qq-bench-failover"
 RPC_TIMEOUT_S = 2.0
 LEADER_START_TIMEOUT_S = 30.0  # the leader process imports the SDK, connects, acquires
 GRACEFUL_TARGET_MS = 100.0  # the target for a hand-over after a release
-EXPECTED = {"kill": "≤ ttl + renewal interval = {:.0f} ms", "graceful": "< {:.0f} ms (target)"}
-CASE_NAMES = {"kill": "leader killed (SIGKILL)", "graceful": "graceful exit (release)"}
+EXPECTED = {
+    "kill": "≤ ttl + renewal interval = {:.0f} ms",
+    "graceful": "< {:.0f} ms (target)",
+    "graceful-across": "< {:.0f} ms (target)",
+}
+CASE_NAMES = {
+    "kill": "leader killed (SIGKILL)",
+    "graceful": "graceful exit (release)",
+    "graceful-across": "graceful exit, leader and waiters on two instances",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,19 +170,23 @@ async def leave(
 
 
 async def one_round(
-    address: str, case: str, index: int, settings: FailoverSettings
+    addresses: tuple[str, str], case: str, index: int, settings: FailoverSettings
 ) -> dict[str, Any]:
     """One leader going away; the unheld time, and where it went.
+
+    The leader calls `addresses[0]`, the waiters `addresses[1]` (the same address but
+    for `graceful-across`).
 
     `poll_wait_ms`: from the lock being free to the winning acquire being sent (the
     waiters' polling; 0 when it was already waiting at the service); `acquire_call_ms`:
     from that send, or from the lock being free if later, to its answer.
     """
     domain = f"{case}-{index}-{uuid.uuid4().hex[:8]}"
+    address, waiters_address = addresses
     leader = await start_leader(address, domain, settings.ttl)
     won: asyncio.Future[Won] = asyncio.get_running_loop().create_future()
     waiters = [
-        asyncio.create_task(wait_and_lead(address, domain, i, settings, won))
+        asyncio.create_task(wait_and_lead(waiters_address, domain, i, settings, won))
         for i in range(settings.waiters)
     ]
     try:
@@ -224,15 +239,21 @@ def summarize(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def run_failover(settings: FailoverSettings, redis_url: str) -> list[dict[str, Any]]:
-    """Every round of every case against one service on the Redis store."""
+    """Every round of every case against the service on the Redis store: one instance,
+    and a second one on the same store for `graceful-across`."""
     key_prefix = f"qq-bench-{uuid.uuid4().hex[:8]}-failover"
     store = {"url": redis_url, "key_prefix": key_prefix}
     rounds = []
     try:
-        async with service_target("failover", "redis", store, RPC_TIMEOUT_S) as target:
+        async with (
+            service_target("failover", "redis", store, RPC_TIMEOUT_S) as first,
+            service_target("failover-2", "redis", store, RPC_TIMEOUT_S) as second,
+        ):
             for case in CASES:
+                across = case == "graceful-across"
+                addresses = (first.address, second.address if across else first.address)
                 for index in range(settings.rounds):
-                    result = await one_round(target.address, case, index, settings)
+                    result = await one_round(addresses, case, index, settings)
                     print(
                         f"failover {case:>8} round {index}: unheld {result['unheld_ms']:.0f} ms",
                         file=sys.stderr,
@@ -249,6 +270,7 @@ def expected_ms(settings: FailoverSettings) -> dict[str, float]:
     return {
         "kill": (settings.ttl + settings.keep_alive_interval) * 1000,
         "graceful": GRACEFUL_TARGET_MS,
+        "graceful-across": GRACEFUL_TARGET_MS,
     }
 
 

@@ -49,7 +49,7 @@ def test_failover(tmp_path: Path) -> None:
         tmp_path, *("--mode", "failover", "--ttl", "1", "--rounds", "1", "--settle", "0.3")
     )
     rounds = document["failover"]["rounds"]
-    assert [r["case"] for r in rounds] == ["kill", "graceful"]
+    assert [r["case"] for r in rounds] == ["kill", "graceful", "graceful-across"]
     assert all(r["unheld_ms"] >= 0 for r in rounds)
     assert "graceful exit" in next(tmp_path.glob("*.md")).read_text(encoding="utf-8")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from quorum_quest.config.loader import DEFAULT_PATH, find_config_file, load_settings
+from quorum_quest.config.loader import DEFAULT_PATH, find_config_file, load_settings, read_yaml
 from quorum_quest.config.settings import Settings
 from quorum_quest.errors import ConfigError, StoreUnavailable
 from quorum_quest.server.app import serve
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("no config file found at {}; using the embedded memory store", args.config)
     else:
         logger.info("config loaded from {}", file)
+        if not read_yaml(file):
+            logger.warning("{} is empty: every key has its default", file)
     worker = worker_index()
     if worker is None and settings.server.workers > 1:
         return supervise(argv, settings.server.workers, settings.server.shutdownGrace)

@@ -43,7 +43,10 @@ def find_config_file(path: Path) -> Path | None:
     return None
 
 
-def read_yaml(file: Path) -> dict[str, Any]:
+def read_yaml(file: Path, *, allow_empty: bool = True) -> dict[str, Any]:
+    """The file's mapping of keys. An empty file (or one of comments only) is no keys at
+    all, or with `allow_empty=False` an error: a reload never takes a file saved empty
+    (truncated just before a write) for a configuration of all defaults."""
     try:
         document = yaml.safe_load(file.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -55,15 +58,24 @@ def read_yaml(file: Path) -> dict[str, Any]:
             "", f"{file} is not valid YAML{at}: {getattr(exc, 'problem', exc)}"
         ) from exc
     if document is None:
+        if not allow_empty:
+            raise ConfigError(
+                "",
+                f"{file} is empty (a file is often truncated just before it is written);"
+                " it is not applied",
+            )
         return {}
     if not isinstance(document, dict):
         raise ConfigError("", f"{file} must hold a mapping of keys, not {type(document).__name__}")
     return document
 
 
-def load_settings(file: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Validate the file (if any) with the environment layered on top."""
-    raw = read_yaml(file) if file is not None else {}
+def load_settings(
+    file: Path | None, environ: Mapping[str, str] | None = None, *, allow_empty: bool = True
+) -> Settings:
+    """Validate the file (if any) with the environment layered on top; an empty file is
+    an error unless `allow_empty` (see `read_yaml`)."""
+    raw = read_yaml(file, allow_empty=allow_empty) if file is not None else {}
     apply_environment(raw, os.environ if environ is None else environ)
     return validate(raw)
 

@@ -4,7 +4,12 @@ The file's *directory* is watched, not the file: editors that save atomically
 rename a new file over the old one, and Kubernetes swaps a ConfigMap by replacing a
 `..data` symlink next to it, and a watch on the file itself would lose both. Any
 change in the directory makes the file be read again; only a change of its content
-counts. Bursts of events are debounced.
+counts. Bursts of events are debounced, and a change is read again until two reads
+a moment apart agree, so a file caught halfway through a write is not taken.
+
+Editors and config managers truncate a file before they write it: an empty file (or
+one of comments only) is never applied as "all defaults"; it is rejected like an
+invalid one and the running configuration stays.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from quorum_quest.config.settings import Settings
 from quorum_quest.errors import ConfigError
 
 DEBOUNCE_MS = 300
+# A change is re-read this often until two reads agree, at most SETTLE_READS times.
+SETTLE_S = 0.1
+SETTLE_READS = 20
 
 
 def _content(file: Path) -> bytes | None:
@@ -37,11 +45,23 @@ async def watch_settings(
     async for _ in awatch(
         file.parent, watch_filter=None, debounce=DEBOUNCE_MS, recursive=False, stop_event=stop
     ):
-        content = _content(file)
+        content = await _settled(file)
         if content is None or content == last:
             continue
         last = content
         try:
-            yield load_settings(file)
+            yield load_settings(file, allow_empty=False)
         except ConfigError as exc:
             yield exc
+
+
+async def _settled(file: Path) -> bytes | None:
+    """The file's content once two reads `SETTLE_S` apart agree (or after `SETTLE_READS`)."""
+    content = _content(file)
+    for _ in range(SETTLE_READS):
+        await anyio.sleep(SETTLE_S)
+        again = _content(file)
+        if again == content:
+            break
+        content = again
+    return content

@@ -21,7 +21,7 @@ from quorum_quest.api.google_proto_descriptor_pool import default_google_proto_d
 from quorum_quest.config.settings import Settings
 from quorum_quest.config.watch import watch_settings
 from quorum_quest.errors import ConfigError, StoreUnavailable
-from quorum_quest.server.runtime import LeaseBook, Runtime, Snapshot, create_store, grace_ms
+from quorum_quest.server.runtime import LeaseBook, Runtime, Snapshot, create_store
 from quorum_quest.server.servicer import LeaderElectionServicer
 from quorum_quest.stores import LockStore
 from quorum_quest.telemetry.logging import configure_logging
@@ -159,6 +159,8 @@ class LockServer:
         while True:
             interval = runtime.current.settings.server.healthInterval
             await asyncio.sleep(interval)
+            # A grace period tied to an old, larger maxTtl ends with its last lease.
+            runtime.current.store.grace_ms = runtime.state_loss_grace_ms()
             try:
                 async with asyncio.timeout(interval):
                     await runtime.current.store.ping()
@@ -192,22 +194,26 @@ class LockServer:
     async def apply(self, new: Settings) -> bool:
         """Put `new` in force whole, or leave everything as it is and say why.
 
-        A changed store is built and connected first; if it cannot connect, the
-        reload is rejected. Calls already running finish on the old snapshot; the
-        old store is closed once they have.
+        A change of only the store's policy keys (`store.ttl`, ...) applies to the store
+        in place, so no lease is lost. Any other change of the store builds and connects
+        a new one first; if it cannot connect, the reload is rejected. Calls already
+        running finish on the old snapshot, but a swapped-out store grants nothing more
+        (see `Runtime.swap` for the handover); it is closed once those calls finish.
         """
-        old = self.runtime.current
+        runtime = self.runtime
+        old = runtime.current
         store = old.store
-        if (new.backend.type, new.store) != (old.settings.backend.type, old.settings.store):
+        if new.backend.type != old.settings.backend.type or not store.reconfigure(
+            new.store_settings()
+        ):
             store = create_store(new)
-            store.notify_releases(self.runtime.releases.released)
+            store.notify_releases(runtime.releases.released)
             try:
                 await store.start()
             except StoreUnavailable as exc:
                 await store.close()
                 self._reload_rejected(f"the new store cannot be used: {exc}")
                 return False
-        store.grace_ms = grace_ms(new)
         telemetry = old.telemetry
         if new.observability.otelEndpoint and not old.settings.observability.otelEndpoint:
             logger.warning(
@@ -236,14 +242,21 @@ class LockServer:
         ):
             if before != after:
                 logger.warning("{} changed to {}: this needs a restart", key, after)
-        self.runtime.current = Snapshot(new, store, telemetry)
-        self.runtime.reloads["applied"] += 1
-        self.runtime.last_reload = "applied"
+        runtime.swap(Snapshot(new, store, telemetry))
+        store.grace_ms = runtime.state_loss_grace_ms()
+        runtime.reloads["applied"] += 1
+        runtime.last_reload = "applied"
         logger.info("config reloaded and applied: {}", _changed_sections(old.settings, new))
         if store is not old.store:
-            # Leases held in the old store stay there: holders find out at their next
-            # keep-alive and acquire again in the new one.
-            logger.warning("store replaced by a new {} store", store.backend)
+            handover = runtime.handover_left_ms()
+            logger.warning(
+                "store replaced by a new {} store; leases of the old store are not carried over{}",
+                store.backend,
+                f"; no lock is granted for {handover / 1000:g} s, the longest lease the old"
+                " store may have granted"
+                if handover
+                else " (the state-loss grace period is off: no handover)",
+            )
             await self._retire(old, old.store)
         if telemetry is not old.telemetry:
             await asyncio.to_thread(old.telemetry.shutdown)

@@ -8,6 +8,7 @@ is closed once the calls still using it have finished.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -74,28 +75,37 @@ class Snapshot:
 
 
 class LeaseBook:
-    """Leases granted or renewed through this instance that have not ended, by lock."""
+    """Leases granted or renewed through this instance that have not ended, by lock.
+
+    Each entry names its holder, so a call by anyone else (a keep-alive or release
+    refused to a non-holder) never ends the holder's entry.
+    """
 
     def __init__(self) -> None:
-        self._deadlines: dict[LockKey, float] = {}
+        self._leases: dict[LockKey, tuple[str, float]] = {}  # holder, time.monotonic() end
         self._prune_above = 1024
 
-    def granted(self, key: LockKey, ttl_ms: int) -> None:
-        self._deadlines[key] = time.monotonic() + ttl_ms / 1000
-        if len(self._deadlines) > self._prune_above:
+    def granted(self, key: LockKey, holder: str, ttl_ms: int) -> None:
+        self._leases[key] = (holder, time.monotonic() + ttl_ms / 1000)
+        if len(self._leases) > self._prune_above:
             self._prune()
-            self._prune_above = max(1024, 2 * len(self._deadlines))
+            self._prune_above = max(1024, 2 * len(self._leases))
 
-    def ended(self, key: LockKey) -> None:
-        self._deadlines.pop(key, None)
+    def ended(self, key: LockKey, holder: str) -> bool:
+        """Forget `holder`'s lease of `key`; True if this instance knew it as live."""
+        entry = self._leases.get(key)
+        if entry is None or entry[0] != holder:
+            return False
+        del self._leases[key]
+        return entry[1] > time.monotonic()
 
     def _prune(self) -> None:
         now = time.monotonic()
-        self._deadlines = {k: d for k, d in self._deadlines.items() if d > now}
+        self._leases = {k: entry for k, entry in self._leases.items() if entry[1] > now}
 
     def __len__(self) -> int:
         self._prune()
-        return len(self._deadlines)
+        return len(self._leases)
 
 
 class Releases:
@@ -141,6 +151,12 @@ class Releases:
     def closed(self) -> bool:
         return self._closed
 
+    def wake_all(self) -> None:
+        """Wake every waiter, to ask again (the store they waited on was swapped out)."""
+        for event, _ in self._waiting.values():
+            event.set()
+        self._waiting.clear()
+
     def close(self) -> None:
         """Wake every waiter and wait no more: the instance is shutting down."""
         self._closed = True
@@ -150,7 +166,15 @@ class Releases:
 
 
 class Runtime:
-    """The snapshot in force, plus what outlives any one snapshot."""
+    """The snapshot in force, plus what outlives any one snapshot.
+
+    It also remembers the longest lease a client may still believe in, across reloads:
+    lowering `server.maxTtl` shortens new leases and renewals at once, but a lease
+    granted under the old maximum may last that long after the reload. That bound sets
+    the state-loss grace period when it is `auto`, and the *handover* after a store
+    swap: for that long this instance grants nothing from the new store, since a client
+    may still believe in a lease the old store granted.
+    """
 
     def __init__(self, current: Snapshot, leases: LeaseBook, started: float) -> None:
         self.current = current
@@ -161,13 +185,53 @@ class Runtime:
         self.last_reload = ""
         self.store_reachable = True
         self._grace_until = 0.0  # time.monotonic() seconds
+        self._handover_until = 0.0  # time.monotonic() seconds
+        # (until, ms): leases granted before a reload lowered maxTtl last up to ms, until.
+        self._old_bounds: list[tuple[float, int]] = []
 
     def note_grace(self, left_ms: int) -> None:
         """Record what the store says is left of its state-loss grace period."""
         self._grace_until = time.monotonic() + left_ms / 1000 if left_ms > 0 else 0.0
 
     def grace_left_ms(self) -> int:
-        """ms left of the store's grace period, as last reported (0: none)."""
-        if not self._grace_until:
-            return 0
-        return max(0, int((self._grace_until - time.monotonic()) * 1000))
+        """ms left of the store's grace period or of a store swap's handover (0: none)."""
+        return max(_left_ms(self._grace_until), self.handover_left_ms())
+
+    def longest_lease_ms(self) -> int:
+        """The longest lease, granted or renewed here, that a client may still believe in."""
+        now = time.monotonic()
+        self._old_bounds = [(until, ms) for until, ms in self._old_bounds if until > now]
+        return max([self.current.policy.max_ttl_ms, *(ms for _, ms in self._old_bounds)])
+
+    def state_loss_grace_ms(self) -> int:
+        """The grace period stores start on a loss of state: `server.stateLossGrace`, or
+        when it is `auto` the longest lease that may still be believed in."""
+        server = self.current.settings.server
+        if server.stateLossGrace is not None:
+            return int(server.stateLossGrace * 1000)
+        return self.longest_lease_ms()
+
+    def swap(self, new: Snapshot) -> None:
+        """Put `new` in force. Leases granted up to now may outlive a lower maxTtl by as
+        long as the longest of them; a new store hands over (grants nothing) for as long,
+        unless the grace period is off. Waiters on a swapped-out store are woken to ask
+        again; they then ask the new store."""
+        old = self.current
+        longest = self.longest_lease_ms()
+        if new.policy.max_ttl_ms < longest:
+            self._old_bounds.append((time.monotonic() + longest / 1000, longest))
+        self.current = new
+        if new.store is not old.store:
+            if new.settings.server.state_loss_grace > 0:
+                self._handover_until = time.monotonic() + longest / 1000
+            self.releases.wake_all()
+
+    def handover_left_ms(self) -> int:
+        """ms left of the handover after a store swap (0: none)."""
+        return _left_ms(self._handover_until)
+
+
+def _left_ms(until: float) -> int:
+    if not until:
+        return 0
+    return max(0, math.ceil((until - time.monotonic()) * 1000))

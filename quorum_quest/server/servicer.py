@@ -9,6 +9,7 @@ one runtime snapshot and keeps it to the end. Requests and answers are `wire`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import math
@@ -64,6 +65,8 @@ _call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 MAX_BATCH_LOCKS = 10_000
 # A refused batch logs one line naming at most this many of the locks.
 REFUSED_EXAMPLES = 5
+# The largest fencing token any store issues or compares (a signed 64-bit integer).
+MAX_FENCING_TOKEN = 2**63 - 1
 
 
 def _one(request: object) -> int:
@@ -130,6 +133,12 @@ def _lock_operation(
     return decorate
 
 
+def _swapped_out(backend: str) -> StoreUnavailable:
+    return StoreUnavailable(
+        backend, "a configuration reload replaced this store while the call ran; ask again"
+    )
+
+
 def _duration(ms: int) -> dict[str, int]:
     """A `google.protobuf.Duration` of `ms` milliseconds, as its fields: a dict sets a
     message field in half the time a timedelta takes, on every answer."""
@@ -179,8 +188,10 @@ def _some(keys: list[LockKey]) -> str:
 TtlRequest = Any
 
 
-def _ttl_ms(snapshot: Snapshot, request: TtlRequest) -> int:
-    """ttl_ms wins when set; ttl <= 0 means the default; above the maximum is an error."""
+def _ttl_ms(snapshot: Snapshot, request: TtlRequest, *, renewal: bool = False) -> int:
+    """ttl_ms wins when set; ttl <= 0 means the default. Above the maximum, a grant is an
+    error, but a renewal gets the maximum: a lease granted before a reload lowered
+    `server.maxTtl` is renewed, shorter, not refused."""
     policy = snapshot.policy
     if request.ttl_ms > 0:
         ttl_ms, field = request.ttl_ms, "ttl_ms"
@@ -189,11 +200,23 @@ def _ttl_ms(snapshot: Snapshot, request: TtlRequest) -> int:
     else:
         return policy.default_ttl_ms
     if ttl_ms > policy.max_ttl_ms:
+        if renewal:
+            return policy.max_ttl_ms
         raise InvalidArgument(
             field,
             f"{ttl_ms / 1000:g} s is above the maximum lease of {policy.max_ttl_ms / 1000:g} s",
         )
     return ttl_ms
+
+
+def _fencing_token(request: wire.ReleaseLockRequest) -> int:
+    """The release's fencing token (0: any); every store keeps tokens below 2^63."""
+    if request.fencing_token > MAX_FENCING_TOKEN:
+        raise InvalidArgument(
+            "fencing_token",
+            f"{request.fencing_token} is above {MAX_FENCING_TOKEN}: no lease has such a token",
+        )
+    return request.fencing_token
 
 
 class LeaderElectionServicer:
@@ -209,7 +232,7 @@ class LeaderElectionServicer:
         key = _lock_key(request)
         client_id = _name("client_id", request.client_id)
         ttl_ms = _ttl_ms(snapshot, request)
-        result = await snapshot.store.acquire(key, client_id, ttl_ms)
+        result = await self._acquire(snapshot, key, client_id, ttl_ms)
         waited = 0.0
         if request.wait_ms and not result.acquired and not result.grace:
             result, waited = await self._acquire_after_release(
@@ -231,7 +254,7 @@ class LeaderElectionServicer:
                 waited=_waited(waited),
             )
             return response, HELD_BY_OTHER
-        self._runtime.leases.granted(key, result.ttl_ms)
+        self._runtime.leases.granted(key, client_id, result.ttl_ms)
         if not result.refreshed:
             logger.info(
                 "lock acquired: service={} domain={} client_id={} token={} ttl_ms={}",
@@ -278,10 +301,29 @@ class LeaderElectionServicer:
             holder_left = max(result.ttl_ms / 1000, MIN_RETRY_S) + EXPIRY_SLACK_S
             await releases.wait(key, min(stop - now, holder_left))
             waited = time.monotonic() - started
-            result = await snapshot.store.acquire(key, client_id, ttl_ms)
+            result = await self._acquire(snapshot, key, client_id, ttl_ms)
             if result.acquired or result.grace:
                 break
         return result, waited
+
+    async def _acquire(
+        self, snapshot: Snapshot, key: LockKey, client_id: str, ttl_ms: int
+    ) -> Acquisition:
+        """`store.acquire`, unless a reload swapped the store out (then UNAVAILABLE: ask
+        again) or the new store's handover lasts (then a grace refusal). A grant that a
+        swapped-out store made while the swap happened is given back, never answered."""
+        runtime = self._runtime
+        store = snapshot.store
+        if store is not runtime.current.store:
+            raise _swapped_out(store.backend)
+        if left := runtime.handover_left_ms():
+            return Acquisition.grace_refusal(left)
+        result = await store.acquire(key, client_id, ttl_ms)
+        if result.acquired and store is not runtime.current.store:
+            with contextlib.suppress(StoreUnavailable):
+                await store.release(key, client_id, result.token)
+            raise _swapped_out(store.backend)
+        return result
 
     @_lock_operation("keep_alive")
     async def keep_alive(
@@ -289,19 +331,22 @@ class LeaderElectionServicer:
     ) -> tuple[wire.KeepAliveResponse, str]:
         key = _lock_key(request)
         client_id = _name("client_id", request.client_id)
-        ttl_ms = _ttl_ms(snapshot, request)
+        ttl_ms = _ttl_ms(snapshot, request, renewal=True)
         result = await snapshot.store.keep_alive(key, client_id, ttl_ms)
         if not result.renewed:
-            self._runtime.leases.ended(key)
-            logger.info(
-                "lock lost: keep-alive refused, service={} domain={} client_id={}",
+            # Only a holder this instance knew is "lost"; anyone else was never leader.
+            lost = self._runtime.leases.ended(key, client_id)
+            logger.log(
+                "INFO" if lost else "DEBUG",
+                "{}: keep-alive refused, service={} domain={} client_id={}",
+                "lock lost" if lost else "not the holder",
                 key.service,
                 key.domain,
                 client_id,
             )
             response = wire.KeepAliveResponse(lease_length=_duration(NOT_HOLDER_LEASE_MS))
             return response, NOT_HOLDER
-        self._runtime.leases.granted(key, ttl_ms)
+        self._runtime.leases.granted(key, client_id, ttl_ms)
         response = wire.KeepAliveResponse(
             lease_length=_duration(ttl_ms), fencing_token=result.token
         )
@@ -313,30 +358,31 @@ class LeaderElectionServicer:
     ) -> tuple[wire.KeepAliveManyResponse, Results]:
         client_id = _name("client_id", request.client_id)
         keys = _lock_keys(request.locks)
-        ttl_ms = _ttl_ms(snapshot, request)
+        ttl_ms = _ttl_ms(snapshot, request, renewal=True)
         renewals = await snapshot.store.keep_alive_many(keys, client_id, ttl_ms)
         leases = self._runtime.leases
-        refused = []
+        refused, lost = 0, []
         for key, renewal in zip(keys, renewals, strict=True):
             if renewal.renewed:
-                leases.granted(key, ttl_ms)
+                leases.granted(key, client_id, ttl_ms)
             else:
-                leases.ended(key)
-                refused.append(key)
-        if refused:
+                refused += 1
+                if leases.ended(key, client_id):
+                    lost.append(key)
+        if lost:
             # One line per batch, not per lock: a client can hold thousands of locks.
             logger.info(
                 "locks lost: keep-alive refused for {} of {} locks, client_id={}: {}",
-                len(refused),
+                len(lost),
                 len(keys),
                 client_id,
-                _some(refused),
+                _some(lost),
             )
         response = wire.KeepAliveManyResponse(
             lease_length=_duration(ttl_ms),
             fencing_tokens=[renewal.token if renewal.renewed else 0 for renewal in renewals],
         )
-        return response, Counter({RENEWED: len(keys) - len(refused), NOT_HOLDER: len(refused)})
+        return response, Counter({RENEWED: len(keys) - refused, NOT_HOLDER: refused})
 
     @_lock_operation("release")
     async def release_lock(
@@ -344,10 +390,10 @@ class LeaderElectionServicer:
     ) -> tuple[wire.ReleaseLockResponse, str]:
         key = _lock_key(request)
         client_id = _name("client_id", request.client_id)
-        released = await snapshot.store.release(key, client_id, request.fencing_token)
+        released = await snapshot.store.release(key, client_id, _fencing_token(request))
         if not released:
             return wire.ReleaseLockResponse(released=False), NOT_HOLDER
-        self._runtime.leases.ended(key)
+        self._runtime.leases.ended(key, client_id)
         self._runtime.releases.released(key)
         logger.info(
             "lock released: service={} domain={} client_id={}", key.service, key.domain, client_id

@@ -175,6 +175,9 @@ class LockStore(ABC):
     backend: ClassVar[str]
     #: The model that validates this backend's `store:` section.
     settings_model: ClassVar[type[StoreSettings]] = StoreSettings
+    #: Keys of the `store:` section that a running store takes on in place (see
+    #: `reconfigure`): none of them names or reaches the backend's state.
+    policy_keys: ClassVar[frozenset[str]] = frozenset({"ttl"})
 
     def __init__(self, settings: StoreSettings, *, grace_ms: int = 0) -> None:
         self.settings = settings
@@ -184,6 +187,18 @@ class LockStore(ABC):
         #: Called with a lock some caller here waits on (`expect_release`) when it is
         #: released through any service instance; set with `notify_releases`.
         self.released: Callable[[LockKey], None] | None = None
+
+    def reconfigure(self, settings: StoreSettings) -> bool:
+        """Take on `settings` in place if they differ from the running ones in
+        `policy_keys` only, and return True; otherwise change nothing and return False
+        (the service then builds a new store, whose state may be another)."""
+        if type(settings) is not type(self.settings):
+            return False
+        keep = set(self.policy_keys)
+        if settings.model_dump(exclude=keep) != self.settings.model_dump(exclude=keep):
+            return False
+        self.settings = settings
+        return True
 
     def notify_releases(self, released: Callable[[LockKey], None]) -> None:
         """Before `start()`: have `released(key)` called for the locks `expect_release`

@@ -6,7 +6,9 @@ Expiry is judged on the monotonic clock. Every operation runs without awaiting,
 so on the single event loop each one is atomic.
 
 A new store cannot know whether a previous process had granted leases that are
-still believed in, so `start()` always begins the state-loss grace period.
+still believed in, so `start()` always begins the state-loss grace period. A closed
+store (swapped out by a reload) answers every call with `StoreUnavailable`: its leases
+are gone for the service, so it must never grant or renew one again.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
+from quorum_quest.errors import StoreUnavailable
 from quorum_quest.stores.base import (
     Acquisition,
     GracePeriod,
@@ -50,6 +53,7 @@ class MemoryStore(LockStore):
         self._last_token = time.time_ns() // 1000
         self._next_sweep = 0.0
         self._grace = GracePeriod(self.backend)
+        self._closed = False
 
     async def start(self) -> None:
         self._grace.begin(self.grace_ms)
@@ -61,10 +65,19 @@ class MemoryStore(LockStore):
                 self.grace_ms / 1000,
             )
 
+    async def close(self) -> None:
+        self._closed = True
+        self._leases.clear()
+
+    def _open(self) -> None:
+        if self._closed:
+            raise StoreUnavailable(self.backend, "the store is closed")
+
     async def ping(self) -> None:
-        return None
+        self._open()
 
     async def check_state(self) -> int:
+        self._open()
         return self._grace.left_ms()
 
     def _live(self, key: LockKey, now: float) -> _Lease | None:
@@ -84,6 +97,7 @@ class MemoryStore(LockStore):
             del self._leases[key]
 
     async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
+        self._open()
         now = time.monotonic()
         if left := self._grace.left_ms(now):
             return Acquisition.grace_refusal(left)
@@ -100,11 +114,13 @@ class MemoryStore(LockStore):
         return Acquisition(False, lease.holder, lease.token, _remaining_ms(lease, now))
 
     async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
+        self._open()
         return self._renew(key, client_id, ttl_ms, time.monotonic())
 
     async def keep_alive_many(
         self, keys: Sequence[LockKey], client_id: str, ttl_ms: int
     ) -> list[Renewal]:
+        self._open()
         now = time.monotonic()
         return [self._renew(key, client_id, ttl_ms, now) for key in keys]
 
@@ -118,6 +134,7 @@ class MemoryStore(LockStore):
         return Renewal(True, lease.token)
 
     async def release(self, key: LockKey, client_id: str, token: int = 0) -> bool:
+        self._open()
         lease = self._live(key, time.monotonic())
         if lease is None or lease.holder != client_id or token not in (0, lease.token):
             return False
@@ -125,6 +142,7 @@ class MemoryStore(LockStore):
         return True
 
     async def get_leader(self, key: LockKey) -> Holder | None:
+        self._open()
         now = time.monotonic()
         lease = self._live(key, now)
         if lease is None:

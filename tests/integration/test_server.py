@@ -350,3 +350,43 @@ async def test_a_wait_ends_before_the_callers_deadline_with_the_usual_answer(
     )
     assert not answer.is_leader and answer.leader_id == "alice"
     assert answer.waited > timedelta(0)
+
+
+async def test_a_keep_alive_refused_to_a_non_holder_keeps_the_holders_lease_count(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    async with running_server(make_settings("memory", {})) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = LeaderElectionStub(channel)
+            request = acquire_request("holder", ttl=30)
+            assert (await stub.try_acquire_lock(request)).is_leader
+            lock = {"service": request.service, "domain": request.domain}
+            refused = await stub.keep_alive(pb.KeepAliveRequest(client_id="intruder", **lock))
+            assert refused.lease_length == timedelta(seconds=-1)
+            status = await stub.get_status(pb.GetStatusRequest())
+            assert status.held_leases == 1
+            many = await stub.keep_alive_many(
+                pb.KeepAliveManyRequest(client_id="intruder", locks=[pb.LockRef(**lock)])
+            )
+            assert list(many.fencing_tokens) == [0]
+            assert (await stub.get_status(pb.GetStatusRequest())).held_leases == 1
+            renewed = await stub.keep_alive(pb.KeepAliveRequest(client_id="holder", **lock))
+            assert renewed.lease_length > timedelta(0)
+    assert "lock lost" not in capfd.readouterr().err
+
+
+async def test_release_with_a_fencing_token_beyond_int64_is_invalid_argument(
+    stub: LeaderElectionStub,
+) -> None:
+    request = acquire_request("holder")
+    granted = await stub.try_acquire_lock(request)
+    lock = {"service": request.service, "domain": request.domain, "client_id": "holder"}
+    for token in (2**63, 2**64 - 1):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.release_lock(pb.ReleaseLockRequest(fencing_token=token, **lock))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "fencing_token" in (refused.value.details() or "")
+    released = await stub.release_lock(
+        pb.ReleaseLockRequest(fencing_token=granted.fencing_token, **lock)
+    )
+    assert released.released

@@ -46,7 +46,7 @@ def test_cycles_memory_and_echo(tmp_path: Path) -> None:
 @pytest.mark.redis
 def test_failover(tmp_path: Path) -> None:
     document = run_harness(
-        tmp_path, *("--mode", "failover", "--ttl", "1", "--rounds", "1", "--settle", "0.3")
+        tmp_path, *("--mode", "failover", "--ttl", "3", "--rounds", "1", "--settle", "0.3")
     )
     rounds = document["failover"]["rounds"]
     assert [r["case"] for r in rounds] == ["kill", "graceful", "graceful-across"]

@@ -17,6 +17,9 @@ Failure semantics:
   on it fails at once with `ConnectionError` or `TimeoutError` (redis-py's, both
   `RedisError`s: whether such a command ran is unknown), and the socket is dropped.
   The next command connects again, so the executor survives a Redis restart.
+- A reply is judged overdue only after the event loop has polled the socket once
+  more past the deadline, with nothing read: after the loop stalled (a blocking
+  call, a GC pause), a reply that arrived meanwhile is read, not counted late.
 - Opening the socket is bounded by `timeout`, and so is each AUTH/SELECT reply after
   it; callers arriving meanwhile share that one attempt and its outcome.
 - A caller that is cancelled leaves its command in flight (Redis may still run it);
@@ -41,6 +44,11 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Arg = str | bytes | int | float
+
+# How long after finding its oldest command past the deadline a connection looks again
+# before it gives up on it. Any delay > 0 puts that second look in a later turn of the
+# event loop, after one more poll for I/O; 1 ms is the finest uvloop's timers take.
+_OVERDUE_RECHECK_S = 0.001
 
 # What a URL may carry besides its scheme; anything else (query options) is refused.
 _URL_PARTS = frozenset({"host", "port", "db", "username", "password", "path"})
@@ -67,6 +75,10 @@ class _Connection(asyncio.Protocol):
         self._outgoing: list[bytes] = []
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # How many reads this connection has had, and that count when a check last
+        # found the oldest command past its deadline (None: it was not).
+        self._reads = 0
+        self._reads_when_overdue: int | None = None
         self._gone: asyncio.Future[None] = loop.create_future()
         self.lost = False
 
@@ -97,6 +109,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         reader, waiting = self._reader, self._waiting
+        self._reads += 1
         reader.feed(data)
         try:
             # RESP2 has no booleans: False only ever means "no complete reply yet".
@@ -120,13 +133,27 @@ class _Connection(asyncio.Protocol):
             self._gone.set_result(None)
 
     def _check_overdue(self) -> None:
-        """Lose the connection once its oldest command is past its deadline."""
+        """Lose the connection once its oldest command is past its deadline and the
+        socket had nothing more to read.
+
+        libuv (under uvloop) runs due timers at the start of each turn, before it polls
+        for I/O, so after a stall in an I/O callback this check comes first while the
+        reply already sits in the socket. A command found past its deadline is
+        therefore judged once more a turn later: by then the loop has read what the
+        socket held, and only a connection that read nothing in between is lost.
+        """
         self._timer = None
         if not self._waiting:
+            self._reads_when_overdue = None
             return
+        loop = self._loop
         deadline = self._waiting[0][1]
-        if deadline > self._loop.time():
-            self._timer = self._loop.call_at(deadline, self._check_overdue)
+        if deadline > loop.time():
+            self._reads_when_overdue = None
+            self._timer = loop.call_at(deadline, self._check_overdue)
+        elif self._reads_when_overdue != self._reads:
+            self._reads_when_overdue = self._reads
+            self._timer = loop.call_later(_OVERDUE_RECHECK_S, self._check_overdue)
         else:
             self._lose(RedisTimeoutError, f"no reply within {self._timeout:g} s")
 

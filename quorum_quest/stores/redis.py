@@ -5,7 +5,7 @@ Keys (with the default `key_prefix: lock`):
     lock:{<service>:<domain>}          hash {holder, token}, expires with the lease
     lock:{<service>:<domain>}:token    the lock's fencing counter, never expires
     lock:{<service>:<domain>}:waiting  set while a caller waits for the lock's release
-    lock:state                         the state marker {run_id, grace_until, ...}
+    lock:state                         the state marker {run_id, replid, grace_until, ...}
     lock:released                      pub/sub channel: releases of awaited locks
 
 service and domain are percent-encoded, so ':' inside a name cannot make two pairs
@@ -14,23 +14,35 @@ scripts of up to `LOCKS_PER_SCRIPT` locks each: one round trip, each script atom
 its own.
 
 Waiting for a release. An acquire that waits (`wait_ms`) sets the lock's waiting
-flag; a release that finds the flag publishes the lock's name, and every service
-instance subscribed (the one the service starts with `notify_releases`) wakes its
-waiters on that lock, wherever the release came in.
+flag, or lengthens it (never shortens: another caller may wait longer); a release
+that finds the flag publishes the lock's name, and every service instance subscribed
+(the one the service starts with `notify_releases`) wakes its waiters on that lock,
+wherever the release came in.
 
 The counter outlives the lease on purpose: a token must stay larger than every token
 issued before, also after expiry and release. It is floored at the server's clock in
 microseconds, so a counter lost with the data still never repeats a token.
 
-State loss. The marker names the Redis server (`run_id`) that last confirmed the
-state. A script that grants or renews first compares it with the server it runs
-on: a missing marker means the data is gone (a restart without persistence, a
-flush, or a new server); another `run_id` means the server restarted from a
-possibly old snapshot or a replica took over, and recent writes may be lost.
-Either way the same script records a grace period in the marker, and until it
-ends no lock is granted, refreshed or renewed, by any service instance. Scripts
-touch the marker and the lock's keys together, so the store runs against one
-Redis primary (standalone or behind Sentinel), not Redis Cluster.
+State loss. The marker names the Redis server process (`run_id`) that last
+confirmed the state, and its replication ID (`master_replid`) then. A script that
+grants or renews first compares them with the server it runs on: a missing marker
+means the data is gone (a restart without persistence, a flush, or a new server);
+another `run_id` means the server restarted from a possibly old snapshot or a
+replica took over; the same `run_id` with a replication ID taken at a promotion
+(`master_replid2` set) means this server was a replica since, and came back as
+primary possibly without the writes made on the primary meanwhile. In each case
+recent writes may be lost, so the same script records a grace period in the marker,
+and until it ends no lock is granted, refreshed or renewed, by any service instance.
+A new replication ID without a promotion (Redis takes one when a primary without a
+backlog gets its first replica, and when it frees the backlog after
+`repl-backlog-ttl` without replicas) loses nothing: the marker just takes it on.
+The scripts run only on a primary (a replica answers READONLY), and touch the marker
+and the lock's keys together, so the store runs against one Redis primary
+(standalone or behind Sentinel), not Redis Cluster.
+
+Eviction. A lease is a key with a TTL: under any `maxmemory-policy` but `noeviction`
+Redis may evict it while the marker stays, and the lock would be granted again with
+no grace period. `ping` (at start and at every health probe) refuses such a Redis.
 """
 
 from __future__ import annotations
@@ -78,20 +90,36 @@ LOCKS_PER_SCRIPT = 500
 
 # KEYS[1] state marker; ARGV[1] grace_ms. Returns the ms left of the grace period (0:
 # none) and 1 when this call found the state lost (then also why), recording the loss.
+# Raises READONLY on a replica (Sentinel clients then drop the connection).
+# The same run_id with another replication ID: a promotion leaves the ID it followed
+# in master_replid2, a reset of the backlog (no history lost) leaves zeros there.
+# A marker without `replid` (written before it was recorded) is taken at its run_id.
 # Lua numbers are doubles: exact up to 2**53 (year 2255 in microseconds), but they
 # must be written with '%d', since tostring() would round them to 14 digits.
 _GRACE = """
 local function grace(marker, grace_ms)
   local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
-  local state = redis.call('HMGET', marker, 'run_id', 'grace_until')
+  local replication = redis.call('INFO', 'replication')
+  if string.match(replication, 'role:(%a+)') ~= 'master' then
+    error({err = 'READONLY this Redis is a replica; the lock state is kept on the primary'})
+  end
+  local replid = string.match(replication, 'master_replid:(%x+)') or ''
+  local state = redis.call('HMGET', marker, 'run_id', 'grace_until', 'replid')
   local clock = redis.call('TIME')
   local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-  if state[1] == run_id then
-    return math.max(0, tonumber(state[2]) - now), 0, ''
-  end
   local why = 'missing'
-  if state[1] then why = 'run_id' end
-  redis.call('HSET', marker, 'run_id', run_id, 'detected_at', string.format('%d', now),
+  if state[1] == run_id then
+    local replid2 = string.match(replication, 'master_replid2:(%x+)') or ''
+    if state[3] == replid or not state[3] or not string.find(replid2, '[^0]') then
+      if state[3] ~= replid then redis.call('HSET', marker, 'replid', replid) end
+      return math.max(0, tonumber(state[2]) - now), 0, ''
+    end
+    why = 'promoted'
+  elseif state[1] then
+    why = 'run_id'
+  end
+  redis.call('HSET', marker, 'run_id', run_id, 'replid', replid,
+    'detected_at', string.format('%d', now),
     'grace_until', string.format('%d', now + tonumber(grace_ms)), 'reason', why)
   return tonumber(grace_ms), 1, why
 end
@@ -194,6 +222,15 @@ end
 return 0
 """)
 
+# KEYS[1] a lock's waiting flag; ARGV[1] ms it must last at least. Lengthens the flag,
+# never shortens it: other callers may wait on the lock longer. -> 1 if it was set.
+_EXPECT_RELEASE = _Script("""
+local left = redis.call('PTTL', KEYS[1])
+if left == -1 or left >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
+return 1
+""")
+
 # KEYS[1] lock hash. -> {holder, token, pttl} or {} when free
 _GET_LEADER = _Script("""
 local lease = redis.call('HMGET', KEYS[1], 'holder', 'token')
@@ -261,7 +298,17 @@ SUBSCRIBER_POLL_S = 1.0
 
 # `_ACQUIRE`'s outcome while the state-loss grace period lasts.
 _GRACE_PERIOD = 3
-_SCRIPTS = (_CHECK_STATE, _ACQUIRE, _KEEP_ALIVE, _KEEP_ALIVE_MANY, _RELEASE, _GET_LEADER)
+_SCRIPTS = (
+    _CHECK_STATE,
+    _ACQUIRE,
+    _KEEP_ALIVE,
+    _KEEP_ALIVE_MANY,
+    _RELEASE,
+    _EXPECT_RELEASE,
+    _GET_LEADER,
+)
+# The only `maxmemory-policy` under which Redis never deletes a lease before its TTL.
+SAFE_EVICTION_POLICY = "noeviction"
 
 
 class _SentinelBlockingPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
@@ -344,11 +391,15 @@ class RedisStore(LockStore):
         if not detected:
             return
         reason = why.decode() if isinstance(why, bytes) else why
-        cause = (
-            "the state marker is missing: Redis restarted without its data, was flushed, or is new"
-            if reason == "missing"
-            else "the server changed (run_id): Redis restarted from a snapshot or a replica "
-            "took over, so recent writes may be lost"
+        cause = {
+            "missing": "the state marker is missing: Redis restarted without its data, "
+            "was flushed, or is new",
+            "promoted": "this Redis was a replica since it last confirmed the state and is "
+            "primary again (master_replid), so writes made meanwhile may be lost",
+        }.get(
+            reason,
+            "the server changed (run_id): Redis restarted from a snapshot or a replica "
+            "took over, so recent writes may be lost",
         )
         if self.grace_ms:
             logger.warning(
@@ -426,14 +477,24 @@ class RedisStore(LockStore):
                 await sentinel.aclose()
 
     async def ping(self) -> None:
+        """Return when Redis answers and cannot evict a lease; raise `StoreUnavailable`
+        otherwise. Reads `INFO memory`, which managed Redis offers where `CONFIG GET`
+        may be disabled."""
         try:
             if self._pipe is not None:
-                await self._pipe.execute("PING")
+                policy = _info_field(await self._pipe.execute("INFO", "memory"), "maxmemory_policy")
             else:
                 assert self._redis is not None
-                await self._redis.ping()
+                policy = (await self._redis.info("memory")).get("maxmemory_policy")
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(self.backend, f"{self._where}: {exc}") from exc
+        if policy != SAFE_EVICTION_POLICY:
+            found = f"maxmemory-policy is {policy}" if policy else "no maxmemory_policy in INFO"
+            raise StoreUnavailable(
+                self.backend,
+                f"{self._where}: {found}: Redis may evict a lease while the state marker "
+                f"stays, and grant its lock again; set maxmemory-policy {SAFE_EVICTION_POLICY}",
+            )
 
     async def check_state(self) -> int:
         left, detected, why = await self._run(_CHECK_STATE, [self._marker], [self.grace_ms])
@@ -492,21 +553,16 @@ class RedisStore(LockStore):
         """Set the lock's waiting flag, so that its release is published."""
         if self.released is None:
             return
-        flag, expires = f"{self._lock_key(key)}:waiting", wait_ms + WAITING_SLACK_MS
-        try:
-            if self._pipe is not None:
-                await self._pipe.execute("SET", flag, 1, "PX", expires)
-            else:
-                assert self._redis is not None
-                await self._redis.set(flag, 1, px=expires)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(self.backend, f"{self._where}: {exc}") from exc
+        flag = f"{self._lock_key(key)}:waiting"
+        await self._run(_EXPECT_RELEASE, [flag], [wait_ms + WAITING_SLACK_MS])
 
     async def _watch_releases(self, released: Callable[[LockKey], None]) -> None:
         """Hand every release published on the channel to `released`, until cancelled.
 
         On its own connection (pub/sub takes one over); after losing it, it subscribes
-        again, and waiters meanwhile wake when the holder's lease is due to end.
+        again, and waiters meanwhile wake when the holder's lease is due to end. A
+        message it cannot read, or that `released` fails on, is logged and skipped;
+        any other failure is a lost subscription: only cancellation ends the loop.
         """
         client = self._redis or self._subscriber_client()
         lost = False
@@ -521,8 +577,8 @@ class RedisStore(LockStore):
                         while True:
                             message = await pubsub.get_message(timeout=SUBSCRIBER_POLL_S)
                             if message is not None:
-                                released(_lock_of(message["data"]))
-                except (RedisError, OSError) as exc:
+                                self._hand_over(message.get("data"), released)
+                except Exception as exc:  # any: the loop must outlive every failure
                     if not lost:
                         logger.warning(
                             "redis release notifications stopped on {}: {}; waiters wake at "
@@ -535,6 +591,24 @@ class RedisStore(LockStore):
         finally:
             if client is not self._redis:
                 await client.aclose()
+
+    def _hand_over(self, data: Any, released: Callable[[LockKey], None]) -> None:
+        """`released(lock)` for one published lock name; log and skip what fails."""
+        try:
+            key = _lock_of(data)
+        except (AttributeError, UnicodeDecodeError) as exc:
+            logger.warning(
+                "redis release notifications on {}: skipped a message that names no lock "
+                "({!r}: {})",
+                self._channel,
+                data[:100] if isinstance(data, bytes | str) else data,
+                exc,
+            )
+            return
+        try:
+            released(key)
+        except Exception:
+            logger.exception("redis release notifications: waking the waiters on {} failed", key)
 
     def _subscriber_client(self) -> aioredis.Redis:
         """A redis-py client of the same server for the subscription: reads block."""
@@ -565,4 +639,13 @@ def _lock_name(key: LockKey) -> str:
 
 def _lock_of(name: bytes) -> LockKey:
     service, _, domain = name.decode().partition(":")
-    return LockKey(unquote(service), unquote(domain))
+    return LockKey(unquote(service, errors="strict"), unquote(domain, errors="strict"))
+
+
+def _info_field(info: bytes, name: str) -> str | None:
+    """The value of `name` in an INFO reply (`name:value` lines), or None."""
+    for line in info.decode(errors="replace").splitlines():
+        field, _, value = line.partition(":")
+        if field == name:
+            return value.strip()
+    return None

@@ -186,6 +186,15 @@ def redis_url() -> Iterator[str]:
         pytest.fail(f"Redis is required and could not be started: {exc}", pytrace=False)
 
 
+# Per-command timeout of the tests' stores: far above any reply, so that a loaded machine
+# never turns a slow answer into a failure. Tests about timeouts set their own.
+STORE_TIMEOUT_S = 30.0
+
+
 @pytest.fixture
 def redis_store_config(redis_url: str) -> dict[str, Any]:
-    return {"url": redis_url, "key_prefix": f"test-{uuid.uuid4().hex[:12]}"}
+    return {
+        "url": redis_url,
+        "key_prefix": f"test-{uuid.uuid4().hex[:12]}",
+        "timeout": STORE_TIMEOUT_S,
+    }

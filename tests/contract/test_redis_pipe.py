@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import socket
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,6 +27,11 @@ from quorum_quest.stores._redis_pipe import RedisPipe
 from quorum_quest.stores.redis import _ACQUIRE, _KEEP_ALIVE, _RELEASE
 from tests.backends import free_port
 from tests.backends.redis import RedisProcess
+
+try:
+    import uvloop
+except ImportError:  # not on Windows
+    uvloop = None  # type: ignore[assignment]
 
 pytestmark = pytest.mark.redis
 
@@ -206,6 +214,72 @@ async def test_commands_time_out_while_redis_is_paused_then_recover() -> None:
             assert (await pipe.evalsha(echo, ["k"], ["v", 7]))[2] == 7
         finally:
             await pipe.close()
+
+
+LOOPS = [
+    pytest.param(asyncio.new_event_loop, id="asyncio"),
+    pytest.param(
+        uvloop and uvloop.new_event_loop,
+        id="uvloop",
+        marks=pytest.mark.skipif(uvloop is None, reason="uvloop is not installed"),
+    ),
+]
+
+
+@pytest.mark.parametrize("new_loop", LOOPS)
+def test_a_reply_that_arrived_while_the_event_loop_stalled_is_not_overdue(
+    redis_url: str, prefix: str, new_loop: Callable[[], asyncio.AbstractEventLoop]
+) -> None:
+    """An I/O callback blocks the loop well past the command's timeout, right after the
+    command went out, while its reply arrives. libuv (uvloop) runs due timers before it
+    polls for I/O again, so the deadline is looked at before the reply is read."""
+    timeout = 0.5
+    key = f"{prefix}:stalled"
+    witness = redis.Redis.from_url(redis_url)
+
+    def stall_until_answered_and_past_the_deadline() -> None:
+        """Blocks: until Redis has run the command (so its reply is written, see below),
+        then longer than the timeout."""
+        give_up = time.monotonic() + 30
+        while witness.get(key) != b"1":
+            assert time.monotonic() < give_up, "the command was never sent"
+            time.sleep(0.01)
+        # Redis writes a reply before it reads the next command of another client:
+        # once this PING is answered, the INCR's reply is in the pipe's socket.
+        witness.ping()
+        time.sleep(2 * timeout)
+
+    async def stalled_command() -> None:
+        loop = asyncio.get_running_loop()
+        pipe = RedisPipe.from_url(redis_url, timeout=timeout)
+        wake, trigger = socket.socketpair()
+        wake.setblocking(False)
+
+        def on_readable() -> None:
+            loop.remove_reader(wake)
+            wake.recv(1)
+            stall_until_answered_and_past_the_deadline()
+
+        try:
+            connection_id = await pipe.execute("CLIENT", "ID")
+            loop.add_reader(wake, on_readable)
+            command = asyncio.ensure_future(pipe.execute("INCR", key))
+            for _ in range(5):
+                await asyncio.sleep(0)  # the INCR is written
+            trigger.send(b"!")  # the stall runs as an I/O callback, at the next poll
+            assert await command == 1
+            assert await pipe.execute("CLIENT", "ID") == connection_id  # never dropped
+        finally:
+            loop.remove_reader(wake)
+            wake.close()
+            trigger.close()
+            await pipe.close()
+
+    try:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            runner.run(stalled_command())
+    finally:
+        witness.close()
 
 
 async def test_a_cancelled_caller_does_not_shift_the_replies() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import pytest
+import redis.asyncio as aioredis
 
 from quorum_quest.errors import StoreUnavailable
 from quorum_quest.stores import LockKey, store_class
@@ -63,6 +64,23 @@ async def test_a_failover_is_followed_and_starts_a_grace_period(
         second = await store.acquire(key, "bob", LEASE_MS)
         assert second.acquired and second.token > first.token
     finally:
+        await store.close()
+
+
+async def test_an_evicting_primary_is_refused_behind_sentinel(
+    sentinel_topology: SentinelTopology,
+) -> None:
+    store = sentinel_store(sentinel_topology)
+    primary = aioredis.Redis.from_url(f"redis://{sentinel_topology.primary_address()}/0")
+    try:
+        await store.start()
+        await primary.config_set("maxmemory-policy", "volatile-ttl")
+        with pytest.raises(StoreUnavailable, match="maxmemory-policy is volatile-ttl"):
+            await store.ping()
+        await primary.config_set("maxmemory-policy", "noeviction")
+        await store.ping()
+    finally:
+        await primary.aclose()
         await store.close()
 
 

@@ -173,6 +173,130 @@ async def test_another_server_id_means_possibly_stale_data(redis_url: str, prefi
         await store.close()
 
 
+async def until_replicated(replica_url: str, key: str) -> None:
+    """Until the replica at `replica_url` is in sync with its primary and holds `key`."""
+    replica = aioredis.Redis.from_url(replica_url, decode_responses=True)
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                info = await replica.info("replication")
+                if (
+                    info.get("master_link_status") == "up"
+                    and not info.get("master_sync_in_progress")
+                    and await replica.exists(key)
+                ):
+                    return
+                await asyncio.sleep(0.05)
+    finally:
+        await replica.aclose()
+
+
+async def test_a_primary_demoted_and_promoted_again_before_resyncing_starts_a_grace_period(
+    prefix: str,
+) -> None:
+    """The same server process (same run_id) can still have lost writes: here a replica
+    took over and granted a lease, then died before the old primary, told to follow it,
+    could copy anything; the old primary is made primary again, without that lease."""
+    with (
+        RedisProcess() as first,
+        RedisProcess("--replicaof", "127.0.0.1", str(first.port)) as second,
+    ):
+        on_first = make_store(0, url=first.url, key_prefix=prefix)  # no grace: start now
+        on_second = make_store(0, url=second.url, key_prefix=prefix)
+        admin_first = aioredis.Redis.from_url(first.url)
+        admin_second = aioredis.Redis.from_url(second.url)
+        try:
+            await on_first.start()  # the marker is written on the first primary
+            await until_replicated(second.url, f"{prefix}:state")
+            await admin_second.replicaof("NO", "ONE")  # a failover to the replica
+            assert (await on_second.acquire(KEY, "alice", 60_000)).acquired
+            second.kill()  # the new primary dies; the old one is told to follow it, ...
+            await admin_first.replicaof("127.0.0.1", second.port)
+            await admin_first.replicaof("NO", "ONE")  # ... and becomes primary again
+            on_first.grace_ms = 60_000
+            # alice still believes she leads: nothing may be granted yet.
+            refused = await on_first.acquire(KEY, "bob", 60_000)
+            assert refused.grace and not refused.acquired
+            assert await admin_first.hget(f"{prefix}:state", "reason") == b"promoted"
+        finally:
+            await admin_first.aclose()
+            await admin_second.aclose()
+            await on_first.close()
+            await on_second.close()
+
+
+async def test_replicas_coming_and_going_do_not_start_a_grace_period(prefix: str) -> None:
+    """A primary takes a new replication ID when its first replica attaches and when it
+    frees its backlog after `repl-backlog-ttl` without replicas; neither loses a write."""
+    with RedisProcess("--repl-backlog-ttl", "1") as primary:
+        store = make_store(0, url=primary.url, key_prefix=prefix)
+        admin = aioredis.Redis.from_url(primary.url, decode_responses=True)
+        try:
+            await store.start()
+            store.grace_ms = 60_000
+            assert (await store.acquire(KEY, "alice", 60_000)).acquired
+            replication_id = (await admin.info("replication"))["master_replid"]
+            with RedisProcess("--replicaof", "127.0.0.1", str(primary.port)) as replica:
+                await until_replicated(replica.url, f"{prefix}:state")
+                assert (await admin.info("replication"))["master_replid"] != replication_id
+                assert await store.check_state() == 0
+                assert (await store.keep_alive(KEY, "alice", 60_000)).renewed
+                replication_id = (await admin.info("replication"))["master_replid"]
+            async with asyncio.timeout(30):  # the backlog is freed, a second after
+                while (await admin.info("replication"))["repl_backlog_active"]:
+                    await asyncio.sleep(0.1)
+            assert (await admin.info("replication"))["master_replid"] != replication_id
+            assert await store.check_state() == 0
+            assert (await store.keep_alive(KEY, "alice", 60_000)).renewed
+        finally:
+            await admin.aclose()
+            await store.close()
+
+
+async def test_a_replica_refuses_as_read_only(prefix: str) -> None:
+    with (
+        RedisProcess() as primary,
+        RedisProcess("--replicaof", "127.0.0.1", str(primary.port)) as replica,
+    ):
+        on_primary = make_store(0, url=primary.url, key_prefix=prefix)
+        on_replica = make_store(0, url=replica.url, key_prefix=prefix)
+        try:
+            await on_primary.start()
+            await until_replicated(replica.url, f"{prefix}:state")
+            with pytest.raises(StoreUnavailable, match="READONLY"):
+                await on_replica.check_state()
+            with pytest.raises(StoreUnavailable, match="READONLY"):
+                await on_replica.keep_alive(KEY, "alice", 10_000)
+        finally:
+            await on_primary.close()
+            await on_replica.close()
+
+
+async def test_an_evicting_redis_is_refused_at_start_and_by_the_health_probe() -> None:
+    """Under any policy but noeviction Redis may evict a lease (it has a TTL) while the
+    state marker stays: the lock would be granted again with no grace period."""
+    with RedisProcess("--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru") as server:
+        admin = aioredis.Redis.from_url(server.url)
+        refused = make_store(url=server.url)
+        try:
+            with pytest.raises(StoreUnavailable, match="maxmemory-policy is volatile-lru"):
+                await refused.start()
+            await admin.config_set("maxmemory-policy", "noeviction")
+            store = make_store(url=server.url)
+            await store.start()
+            try:
+                await admin.config_set("maxmemory-policy", "allkeys-lru")
+                with pytest.raises(StoreUnavailable, match="noeviction"):
+                    await store.ping()
+                await admin.config_set("maxmemory-policy", "noeviction")
+                await store.ping()
+            finally:
+                await store.close()
+        finally:
+            await refused.close()
+            await admin.aclose()
+
+
 async def test_the_grace_period_is_shared_by_every_instance(redis_url: str, prefix: str) -> None:
     first = make_store(GRACE_MS, url=redis_url, key_prefix=prefix)
     second = make_store(GRACE_MS, url=redis_url, key_prefix=prefix)
@@ -225,6 +349,69 @@ async def test_release_notifications_resume_after_a_redis_restart() -> None:
                 assert await asyncio.wait_for(released.get(), timeout=SUBSCRIBER_POLL_S * 5) == key
         finally:
             await store.close()
+
+
+async def until_subscribed(url: str, channel: str) -> None:
+    """Until someone listens on `channel` (the store's subscriber, started by `start`)."""
+    admin = aioredis.Redis.from_url(url)
+    try:
+        async with asyncio.timeout(30):
+            while not dict(await admin.pubsub_numsub(channel))[channel.encode()]:
+                await asyncio.sleep(0.05)
+    finally:
+        await admin.aclose()
+
+
+async def test_the_release_subscriber_survives_a_malformed_message_and_a_failing_callback(
+    redis_url: str, prefix: str
+) -> None:
+    store = make_store(url=redis_url, key_prefix=prefix)
+    released: asyncio.Queue[LockKey] = asyncio.Queue()
+    failing = LockKey("svc", "callback-fails")
+
+    def hand_over(key: LockKey) -> None:
+        if key == failing:
+            raise RuntimeError("a waiter's callback failed")
+        released.put_nowait(key)
+
+    store.notify_releases(hand_over)
+    admin = aioredis.Redis.from_url(redis_url)
+    await store.start()
+    try:
+        channel = f"{prefix}:released"
+        await until_subscribed(redis_url, channel)
+        assert await admin.publish(channel, b"\xff\xfe:\x80") == 1  # not UTF-8
+        for key in (failing, KEY):
+            granted = await store.acquire(key, "alice", 10_000)
+            await store.expect_release(key, 5_000)
+            assert await store.release(key, "alice", granted.token)
+        # Messages on one channel arrive in order: this one came after both bad ones.
+        assert await asyncio.wait_for(released.get(), timeout=30) == KEY
+    finally:
+        await admin.aclose()
+        await store.close()
+
+
+async def test_a_shorter_wait_never_shortens_another_waiters_flag(
+    redis_url: str, prefix: str
+) -> None:
+    store = make_store(url=redis_url, key_prefix=prefix)
+    store.notify_releases(lambda key: None)
+    admin = aioredis.Redis.from_url(redis_url)
+    await store.start()
+    try:
+        long_first, short_first = LockKey("svc", "long-first"), LockKey("svc", "short-first")
+        await store.expect_release(long_first, 60_000)
+        await store.expect_release(long_first, 100)
+        await store.expect_release(short_first, 100)
+        await store.expect_release(short_first, 60_000)
+        for key in (long_first, short_first):
+            # 61 s at first; well over 1.1 s unless shortened by the 100 ms wait
+            flag = f"{prefix}:{{{key.service}:{key.domain}}}:waiting"
+            assert await admin.pttl(flag) > 30_000
+    finally:
+        await admin.aclose()
+        await store.close()
 
 
 async def test_no_subscription_and_no_waiting_flag_without_a_listener(

@@ -29,6 +29,20 @@ class StoreUnavailable(QuorumQuestError):
         self.detail = detail
 
 
+class StoreContended(StoreUnavailable):
+    """The store gave up on a call whose conditional writes kept losing races for one lock.
+
+    Unlike a plain `StoreUnavailable`, nothing is in doubt: the backend refused each
+    attempt, so the call granted and refreshed nothing, and calling again is safe. Being a
+    `StoreUnavailable`, it is handled wherever that is; gRPC's ABORTED says it best.
+    """
+
+    def __init__(self, backend: str, detail: str) -> None:
+        QuorumQuestError.__init__(self, f"{backend} store contended: {detail}")
+        self.backend = backend
+        self.detail = detail
+
+
 class ServiceUnavailable(QuorumQuestError):
     """The client got no usable answer from the service (transport, deadline or backend).
 

@@ -25,7 +25,7 @@ from opentelemetry import trace
 
 from quorum_quest import __version__
 from quorum_quest._rpc import wire
-from quorum_quest.errors import InvalidArgument, StoreUnavailable
+from quorum_quest.errors import InvalidArgument, StoreContended, StoreUnavailable
 from quorum_quest.stores.base import MAX_NAME_BYTES, Acquisition, LockKey
 from quorum_quest.telemetry.telemetry import (
     ACQUIRED,
@@ -113,6 +113,11 @@ def _lock_operation(
                 return response
             except InvalidArgument as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except StoreContended as exc:
+                # Nothing is in doubt and nothing was granted: the caller may ask again.
+                telemetry.count(operation, ERROR, backend, started, locks(request))
+                logger.info("store call contended: {}", exc)
+                await context.abort(grpc.StatusCode.ABORTED, str(exc))
             except StoreUnavailable as exc:
                 telemetry.store_error(operation, backend)
                 telemetry.count(operation, ERROR, backend, started, locks(request))

@@ -96,10 +96,14 @@ class GracePeriod:
     its absence means) word those logs, which are logged as the store's own lines.
     """
 
-    def __init__(self, backend: str, *, marker: str = "", loss: str = "") -> None:
+    def __init__(
+        self, backend: str, *, marker: str = "", loss: str = "", margin_ms: int = 0
+    ) -> None:
         self._backend = backend
         self._marker = marker
         self._loss = loss
+        self._margin_ms = margin_ms
+        self._recorded = 0  # the grace_until this store recorded itself, on its own clock
         self._until = 0  # wall-clock ms, as the marker last showed it
         self._ends = 0.0  # the same end, time.monotonic() seconds
         self._checking: asyncio.Future[int] | None = None
@@ -130,6 +134,7 @@ class GracePeriod:
     def lost(self, grace_until: int, grace_ms: int) -> int:
         """This store found the loss and recorded a grace period of `grace_ms` until
         `grace_until`: log the loss (only the finder does) and learn it; the ms left."""
+        self._recorded = grace_until
         self._until = grace_until
         refused = (
             f"refusing grants, refreshes and keep-alives for {grace_ms} ms"
@@ -139,6 +144,16 @@ class GracePeriod:
         logger.opt(depth=1).warning(
             "{}: lock state lost: {}; {}", self._backend, self._loss, refused
         )
+        return self.learn(grace_until)
+
+    def learn_marker(self, grace_until: int, created_at: int) -> int:
+        """`learn` a marker recording `grace_until` on the wall clock of the instance that
+        found the loss at `created_at`. Where this clock runs ahead of the finder's, the
+        grace period would end early by the skew, so it lasts `margin_ms` longer here, as a
+        foreign lease does; not on the finder itself (its own clock), nor for a marker that
+        records no grace period (`stateLossGrace: 0`)."""
+        if grace_until > created_at and grace_until != self._recorded:
+            grace_until += self._margin_ms
         return self.learn(grace_until)
 
     def learn(self, grace_until: int) -> int:

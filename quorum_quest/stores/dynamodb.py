@@ -29,7 +29,9 @@ holder is the caller itself, with a live lease, does `acquire` send a second wri
 extend, so the caller keeps its token. When the answer carries no item, there is none:
 the lock's first grant, or a table that lost its items; `acquire` then checks the state
 marker (below) and sends `first`. No write depends on a read: whatever happened in
-between, each condition is judged by DynamoDB on the item as it is at that moment.
+between, each condition is judged by DynamoDB on the item as it is at that moment. An
+acquire whose every round lost to a change of the lock raises `StoreContended`: nothing
+was granted, and no holder is known to name.
 
 The clock: DynamoDB conditions have no server clock, so `:now` is this service
 instance's wall clock and every instance sharing a table must keep its clock
@@ -59,7 +61,9 @@ created by a conditional write (`attribute_not_exists(pk)`: one instance wins an
 the loss) with grace_until = now + `grace_ms`. Every first grant checks it the same way
 first (first grants arriving together share one check), so a recreated table is caught
 by the first acquire. The grace period is cached as a monotonic deadline: while it
-lasts, `acquire` and `keep_alive` refuse without a request. A table that disappears
+lasts, `acquire` and `keep_alive` refuse without a request. grace_until is on the
+finder's wall clock, so the other instances keep it `clock_skew_margin` longer (as a
+foreign lease), lest a clock running ahead end it early. A table that disappears
 while the store runs (deleted, or an emulator restarted in memory) is created again in
 the background when `create_table` is on; calls are unavailable until it is ACTIVE,
 and then its missing marker starts the grace period.
@@ -96,7 +100,7 @@ from botocore.exceptions import (
 from loguru import logger
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from quorum_quest.errors import StoreUnavailable
+from quorum_quest.errors import StoreContended, StoreUnavailable
 from quorum_quest.stores.base import (
     Acquisition,
     GracePeriod,
@@ -273,6 +277,7 @@ class DynamoStore(LockStore):
         self._connecting = asyncio.Lock()
         self._grace = GracePeriod(
             self.backend,
+            margin_ms=self._margin_ms,
             marker=self._where,
             loss=f"the state marker item was missing from {self._where} (the table is new, or"
             " was recreated or emptied)",
@@ -581,7 +586,7 @@ class DynamoStore(LockStore):
 
     async def _check_marker(self, deadline: float) -> int:
         """Read the state marker, creating it when missing; the ms of grace left."""
-        names = {"#grace": GRACE_UNTIL}
+        names = {"#grace": GRACE_UNTIL, "#at": CREATED_AT}
         marker = await self._read(STATE_MARKER_KEY, deadline, names)
         if marker is None:
             now = _now_ms()
@@ -596,21 +601,23 @@ class DynamoStore(LockStore):
                     ":at": {"N": str(now)},
                     ":by": {"S": _INSTANCE},
                 },
-                names={**names, "#at": CREATED_AT, "#by": CREATED_BY, "#pk": KEY},
+                names={**names, "#by": CREATED_BY, "#pk": KEY},
                 old_on_failure=True,
             )
             if created:
                 return self._grace.lost(grace_until, self.grace_ms)
             if not marker:  # another instance created it; dynalite does not return it
                 marker = await self._read(STATE_MARKER_KEY, deadline, names)
-        return self._grace.learn(int((marker or {}).get(GRACE_UNTIL, {}).get("N", 0)))
+        marker = marker or {}
+        grace_until = int(marker.get(GRACE_UNTIL, {}).get("N", 0))
+        created_at = int(marker.get(CREATED_AT, {}).get("N", 0))
+        return self._grace.learn_marker(grace_until, created_at)
 
     async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
         if left := self._grace.left_ms():
             return Acquisition.grace_refusal(left)
         pk = lock_item_key(key)
         deadline = self._deadline()
-        lease = _Lease.of(None)
         condition = _GRANT_IF
         for _ in range(_ACQUIRE_ROUNDS):
             now = _now_ms()
@@ -651,8 +658,13 @@ class DynamoStore(LockStore):
             renewal = await self._extend(pk, client_id, ttl_ms, deadline)
             if renewal.renewed:
                 return Acquisition(True, client_id, renewal.token, ttl_ms, refreshed=True)
-        # The lock changed hands on every round; report the last holder seen.
-        return Acquisition(False, lease.holder or "", lease.token, lease.remaining_ms(_now_ms()))
+        # The lock changed under every round, so no holder seen is known to hold it now
+        # (a free lock or the caller's own lease is no refusal). Nothing was granted.
+        raise StoreContended(
+            self.backend,
+            f"{self._where}: acquire: the lock changed hands during each of {_ACQUIRE_ROUNDS}"
+            " rounds of grant and extend; nothing was granted: call again",
+        )
 
     async def _extend(self, pk: str, client_id: str, ttl_ms: int, deadline: float) -> Renewal:
         now = _now_ms()

@@ -30,11 +30,14 @@ that moment; no write ever depends on an earlier plain read:
 lease of someone else is a refusal; the caller's own live lease is refreshed (same
 token); a free or expired lock is taken with a compare-and-set on the exact row it saw,
 so a change in between (another grant, a refresh) fails the condition, whose answer is
-the new row to decide on again. No row at all means the lock's first grant, or a table
-that lost its rows: the state marker is checked (below), then `create` grants the lock.
+the new row to decide on again; an acquire whose every round lost so raises
+`StoreContended` (nothing was granted, and no holder is known to name). No row at all
+means the lock's first grant, or a table that lost its rows: the state marker is checked
+(below), then `create` grants the lock.
 `keep_alive` is `extend`; Cassandra answers an applied LWT with `[applied]` alone
 (ScyllaDB adds the old row), so the token is then read at the serial consistency.
-`release` is `release`; `get_leader` reads at the serial consistency.
+`release` is `release` (a token past `bigint` is no lease's: False, without a statement);
+`get_leader` reads at the serial consistency.
 
 Why no CQL TTL holds the lease: TTLs count whole seconds, and a cell's expiry is judged on
 each replica's clock at second granularity, so a 1 s TTL can end after a few
@@ -57,7 +60,9 @@ missing, it is created with `create` (`IF NOT EXISTS`: one instance wins and log
 loss) and grace_until = now + `grace_ms`. Every first grant of a lock checks it the same
 way first (first grants arriving together share one check), so a recreated table is
 caught by the first acquire. The grace period is cached as a monotonic deadline: while
-it lasts, `acquire` and `keep_alive` refuse without a round trip.
+it lasts, `acquire` and `keep_alive` refuse without a round trip. grace_until is on the
+finder's wall clock, so the other instances keep it `clock_skew_margin` longer (as a
+foreign lease), lest a clock running ahead end it early.
 
 A write whose Paxos round times out has an unknown outcome: it may still be applied
 (a later round completes it). Such calls raise `StoreUnavailable` saying so; the caller
@@ -79,7 +84,7 @@ from acsylla import errors as cass_errors
 from loguru import logger
 from pydantic import Field, ValidationInfo, field_validator
 
-from quorum_quest.errors import StoreUnavailable
+from quorum_quest.errors import StoreContended, StoreUnavailable
 from quorum_quest.stores.base import (
     Acquisition,
     GracePeriod,
@@ -103,9 +108,13 @@ _WRITE_CONSISTENCIES = {
     "LOCAL_ONE",
 }
 _SERIAL_CONSISTENCIES = {"SERIAL", "LOCAL_SERIAL"}
+# `fencing_token` is a CQL bigint, so no lease in the table has a token outside this range
+# (the wire's uint64 reaches past it, and the driver cannot bind such a value).
+_TOKENS = range(1, 2**63)
 _STRATEGIES = {"SimpleStrategy", "NetworkTopologyStrategy"}
 # The rounds of compare-and-set one acquire may need: each retry means the row changed in
-# between (another grant or refresh), so a few suffice unless a lock is fought over hard.
+# between (another grant or refresh), so a few suffice unless a lock is fought over hard;
+# an acquire that loses them all raises `StoreContended`.
 _MAX_ROUNDS = 8
 _CREATE_TABLE = """
 CREATE TABLE IF NOT EXISTS {table} (
@@ -356,6 +365,7 @@ class ScyllaStore(LockStore):
         self._statements: dict[str, acsylla.PreparedStatement] = {}
         self._grace = GracePeriod(
             self.backend,
+            margin_ms=self._margin_ms,
             marker=self._table,
             loss=f"the state marker row was missing from {self._table} on {self._where} (the "
             "table is new, or was truncated or recreated, or its replicas lost their data)",
@@ -543,7 +553,7 @@ class ScyllaStore(LockStore):
                 return self._grace.lost(grace_until, self.grace_ms)
             if marker is None or marker.expires_at is None:
                 marker = await self._read(operation, STATE_MARKER)
-        return self._grace.learn(marker.expires_at or 0)
+        return self._grace.learn_marker(marker.expires_at or 0, marker.token or 0)
 
     async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
         if left := self._grace.left_ms():
@@ -597,7 +607,13 @@ class ScyllaStore(LockStore):
             )
             if applied:
                 return Acquisition(True, client_id, token, ttl_ms)
-        return Acquisition(False, "", 0, 0)
+        # Every round's compare-and-set lost to another change: no refusal is true (the
+        # last row seen may be free again), so say what happened. Nothing was granted.
+        raise StoreContended(
+            self.backend,
+            f"{self._where}: acquire: the lock changed hands before each of {_MAX_ROUNDS} "
+            "compare-and-sets; nothing was granted: call again",
+        )
 
     async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
         if self._grace.left_ms():
@@ -622,12 +638,14 @@ class ScyllaStore(LockStore):
         return Renewal(True, row.token)
 
     async def release(self, key: LockKey, client_id: str, token: int = 0) -> bool:
-        if token:
+        if not token:
+            values = [key.service, key.domain, client_id, _now_ms()]
+            applied, _ = await self._lwt("release", "release", values)
+        elif token in _TOKENS:
             values = [key.service, key.domain, client_id, token, _now_ms()]
             applied, _ = await self._lwt("release", "release_token", values)
         else:
-            values = [key.service, key.domain, client_id, _now_ms()]
-            applied, _ = await self._lwt("release", "release", values)
+            applied = False  # a token no lease can have: nothing to release
         return applied
 
     async def get_leader(self, key: LockKey) -> Holder | None:

@@ -36,6 +36,10 @@ VARIANTS = [pytest.param("scylladb", marks=pytest.mark.scylladb)]
 CASSANDRA_VERSION = os.environ.get("QQ_CASSANDRA_VERSION", "5.0.8")
 START_BUDGET_S = 120.0
 TEST_KEYSPACE = "qq_test"
+# One machine, one clock: no skew to allow for, but a small margin keeps its code path.
+CONTRACT_CLOCK_SKEW_MARGIN = 0.05
+# Seconds per CQL request in the tests' stores: see `scylladb_store_config`.
+CONTRACT_REQUEST_TIMEOUT_S = 30.0
 
 # From Cassandra 5.0's conf/jvm17-server.options: what its code needs opened on Java 17.
 _EXPORTS = [
@@ -86,10 +90,11 @@ concurrent_reads: 4
 concurrent_writes: 4
 concurrent_counter_writes: 2
 concurrent_compactors: 1
-# Two busy cores: give Paxos rounds room before they count as timed out.
-cas_contention_timeout: 5000ms
-write_request_timeout: 5000ms
-read_request_timeout: 5000ms
+# Two busy cores, shared: give Paxos rounds room before they count as timed out (an
+# LWT that times out has an unknown outcome, which no test that is not about it expects).
+cas_contention_timeout: 20000ms
+write_request_timeout: 20000ms
+read_request_timeout: 20000ms
 """
 
 # Periodic sync replays nothing written after the last sync (every 10 s) when the node is
@@ -335,7 +340,8 @@ def scylladb_store_config(cql_endpoint: str) -> dict[str, Any]:
         "keyspace": TEST_KEYSPACE,
         "table": f"locks_{uuid.uuid4().hex[:12]}",
         "consistency": "CONSISTENCY_QUORUM",
-        # One machine, one clock: no skew to allow for, but keep the margin's code path.
-        "clock_skew_margin": 0.05,
-        "request_timeout": 10.0,
+        "clock_skew_margin": CONTRACT_CLOCK_SKEW_MARGIN,
+        # Longer than the node's own timeouts (above), so that its answer comes first;
+        # no test that is not about timeouts may depend on speed.
+        "request_timeout": CONTRACT_REQUEST_TIMEOUT_S,
     }

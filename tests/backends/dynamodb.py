@@ -42,6 +42,11 @@ REGION = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or
 # The store's TTL judgement on one machine needs no skew allowance; a small one keeps
 # the margin in the code path without slowing the expiry tests.
 CONTRACT_CLOCK_SKEW_MARGIN = 0.05
+# Seconds a store call may take, retries included. The store's default (2 s) is for
+# production; on a loaded 2-core machine an emulator can take longer to answer (moto
+# serves one request at a time, so a batch queues behind itself), and no test may depend
+# on speed. Tests about deadlines set their own.
+CONTRACT_TIMEOUT_S = 30.0
 
 IMPLEMENTATIONS = ("endpoint",) if os.environ.get(ENDPOINT_ENV) else ("moto", "dynalite")
 VARIANTS = [
@@ -63,6 +68,7 @@ class Endpoint:
             "table": f"qq-test-{uuid.uuid4().hex[:12]}",
             "endpoints": [self.url],
             "clock_skew_margin": CONTRACT_CLOCK_SKEW_MARGIN,
+            "timeout": CONTRACT_TIMEOUT_S,
         }
         if self.name != "endpoint":
             config.update(TEST_CREDENTIALS)

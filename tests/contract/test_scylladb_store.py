@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -17,12 +18,13 @@ from loguru import logger
 
 from quorum_quest._rpc import LeaderElectionStub, pb
 from quorum_quest.config.loader import validate
-from quorum_quest.errors import ConfigError, StoreUnavailable
+from quorum_quest.errors import ConfigError, StoreContended, StoreUnavailable
 from quorum_quest.server import running_server
 from quorum_quest.stores import Acquisition, LockKey, store_class
 from quorum_quest.stores import scylladb as scylladb_module
 from quorum_quest.stores.scylladb import STATE_MARKER, ScyllaSettings, ScyllaStore
 from tests.backends import free_port
+from tests.backends.cassandra import CONTRACT_CLOCK_SKEW_MARGIN
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.scylladb
@@ -32,6 +34,12 @@ LONG_MS = 30_000
 GRACE_MS = 2000
 # For tests that never wait for the end of a grace period: no slow machine outlasts it.
 LONG_GRACE_MS = 60_000
+
+
+def learned(grace_ms: int) -> int:
+    """The most an instance refuses for a grace period of `grace_ms` that it learned from
+    another instance's marker: the clock skew margin more than the finder."""
+    return grace_ms + int(CONTRACT_CLOCK_SKEW_MARGIN * 1000)
 
 
 def make_store(grace_ms: int = 0, **settings: Any) -> ScyllaStore:
@@ -92,15 +100,19 @@ async def test_two_instances_racing_for_an_expired_lock_never_both_win(pair) -> 
     last = (await first.acquire(key, "seed", SHORT_MS)).token
     for round_ in range(6):
         await expire()
+        # Long leases for the racers: however slow the loser's answer, the winner's
+        # lease has not ended by then, so the loser must have been refused.
         a, b = await asyncio.gather(
-            first.acquire(key, f"a-{round_}", SHORT_MS),
-            second.acquire(key, f"b-{round_}", SHORT_MS),
+            first.acquire(key, f"a-{round_}", LONG_MS),
+            second.acquire(key, f"b-{round_}", LONG_MS),
         )
         assert a.acquired != b.acquired, (a, b)
         winner = a if a.acquired else b
         assert winner.token > last
         assert (b if a.acquired else a).holder == winner.holder
-        last = winner.token
+        # The next round races for an ended lease again.
+        assert await first.release(key, winner.holder)
+        last = (await first.acquire(key, f"seed-{round_}", SHORT_MS)).token
 
 
 async def test_keep_alive_by_non_holder_and_expired_holder_is_refused(pair) -> None:
@@ -395,6 +407,34 @@ async def test_acquire_after_an_unknown_outcome_tells_the_truth(pair) -> None:
     assert again.acquired and again.refreshed and again.token == granted.token
 
 
+async def test_an_acquire_that_loses_every_race_is_contended_not_a_refusal(
+    pair: tuple[ScyllaStore, ScyllaStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before each of bob's compare-and-sets, another instance grants the lock and releases
+    it again: each one fails on a row that is free once more, so no holder can be named."""
+    first, second = pair
+    key = fresh_key()
+    assert (await second.acquire(key, "alice", LONG_MS)).acquired
+    assert await second.release(key, "alice")
+    real_lwt, races = first._lwt, []
+
+    async def lose_the_race(operation: str, statement: str, values: list[Any]) -> Any:
+        if statement == "take":
+            races.append(f"carol-{len(races)}")
+            assert (await second.acquire(key, races[-1], LONG_MS)).acquired
+            assert await second.release(key, races[-1])
+        return await real_lwt(operation, statement, values)
+
+    monkeypatch.setattr(first, "_lwt", lose_the_race)
+    with pytest.raises(StoreContended, match="changed hands") as caught:
+        await first.acquire(key, "bob", LONG_MS)
+    monkeypatch.undo()
+    assert caught.value.backend == "scylladb"
+    assert len(races) == scylladb_module._MAX_ROUNDS
+    assert await first.get_leader(key) is None  # bob was granted nothing
+    assert (await first.acquire(key, "bob", LONG_MS)).acquired  # and may simply ask again
+
+
 # -- state loss and the grace period ---------------------------------------------------
 
 
@@ -460,12 +500,12 @@ async def test_a_truncated_table_refuses_the_old_holder_and_everyone_until_the_g
         assert not (await first.keep_alive(key, "alice", LONG_MS)).renewed  # its row is gone
         assert in_grace(await second.acquire(key, "bob", LONG_MS))  # the first grant detects
         # The other instance learns it from the marker on its own first-grant path.
-        assert in_grace(await first.acquire(key, "carol", LONG_MS))
-        assert in_grace(await first.acquire(key, "alice", LONG_MS))
+        assert in_grace(await first.acquire(key, "carol", LONG_MS), learned(GRACE_MS))
+        assert in_grace(await first.acquire(key, "alice", LONG_MS), learned(GRACE_MS))
         assert not (await first.keep_alive(key, "alice", LONG_MS)).renewed
-        assert 0 < await first.check_state() <= GRACE_MS
+        assert 0 < await first.check_state() <= learned(GRACE_MS)
     assert len(losses) == 1
-    await asyncio.sleep(await second.check_state() / 1000)
+    await asyncio.sleep(await first.check_state() / 1000)  # the learner ends last
     granted = await first.acquire(key, "bob", LONG_MS)
     assert granted.acquired and granted.token > alice.token
 
@@ -488,13 +528,13 @@ async def test_in_the_grace_period_every_grant_and_renewal_is_refused_release_wo
     with losses_logged() as losses:
         assert 0 < await second.check_state() <= LONG_GRACE_MS
     assert len(losses) == 1
-    assert 0 < await first.check_state() <= LONG_GRACE_MS  # recorded in the table: both agree
+    assert 0 < await first.check_state() <= learned(LONG_GRACE_MS)  # recorded: both agree
     for store in pair:
         refresh = await store.acquire(held, "alice", LONG_MS)
         takeover = await store.acquire(expired, "erin", LONG_MS)
         first_grant = await store.acquire(new, "erin", LONG_MS)
         for answer in (refresh, takeover, first_grant):
-            assert in_grace(answer, LONG_GRACE_MS), answer
+            assert in_grace(answer, learned(LONG_GRACE_MS)), answer
         assert not (await store.keep_alive(held, "alice", LONG_MS)).renewed
         assert [r.renewed for r in await store.keep_alive_many([held], "alice", LONG_MS)] == [False]
     leader = await second.get_leader(held)
@@ -556,11 +596,37 @@ async def test_a_second_instance_sees_the_grace_period_the_first_recorded(
         await second.start()
     try:
         assert len(losses) == 1  # only the instance whose marker was written
-        assert 0 < await second.check_state() <= LONG_GRACE_MS
-        assert in_grace(await second.acquire(fresh_key(), "bob", LONG_MS), LONG_GRACE_MS)
+        assert 0 < await second.check_state() <= learned(LONG_GRACE_MS)
+        assert in_grace(await second.acquire(fresh_key(), "bob", LONG_MS), learned(LONG_GRACE_MS))
     finally:
         await first.close()
         await second.close()
+
+
+async def test_an_instance_whose_clock_runs_ahead_keeps_the_grace_period_for_the_margin(
+    scylladb_store_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The marker's grace_until is on the clock of the instance that found the loss. An
+    instance whose clock runs ahead of it (by less than clock_skew_margin) would see the
+    grace period end early by the skew: it keeps it the margin longer, as a foreign lease."""
+    margin_s, skew_s = 120.0, 90.0  # a skew past the whole grace period
+    config = scylladb_store_config | {"clock_skew_margin": margin_s}
+    finder, ahead = make_store(LONG_GRACE_MS, **config), make_store(**config)
+    await finder.start()
+    try:
+        assert 0 < await finder.check_state() <= LONG_GRACE_MS
+        real_time_ns = time.time_ns
+        monkeypatch.setattr(time, "time_ns", lambda: real_time_ns() + int(skew_s * 1e9))
+        await ahead.start()
+        left = await ahead.check_state()
+        refused = await ahead.acquire(fresh_key(), "bob", LONG_MS)
+        monkeypatch.undo()
+        most = LONG_GRACE_MS + int((margin_s - skew_s) * 1000)
+        assert 0 < left <= most
+        assert in_grace(refused, most), refused
+    finally:
+        await finder.close()
+        await ahead.close()
 
 
 async def test_a_renewal_delivered_late_never_shortens_the_lease(

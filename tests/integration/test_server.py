@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from quorum_quest._rpc import SERVICE_NAME, LeaderElectionStub, pb
+from quorum_quest.errors import StoreContended
 from quorum_quest.server import LockServer, running_server
 from quorum_quest.telemetry.telemetry import ERROR
 from tests.backends.redis import RedisProcess
@@ -390,3 +391,23 @@ async def test_release_with_a_fencing_token_beyond_int64_is_invalid_argument(
         pb.ReleaseLockRequest(fencing_token=granted.fencing_token, **lock)
     )
     assert released.released
+
+
+async def test_an_acquire_that_lost_every_race_is_aborted_not_refused() -> None:
+    class ContendedStore:
+        backend = "contended"
+
+        async def acquire(self, *args: object) -> None:
+            raise StoreContended("contended", "the lock changed hands on every round")
+
+    async with running_server(make_settings("memory", {})) as server:
+        real = server.runtime.current.store
+        server.runtime.current.store = ContendedStore()  # only the lost races are faked
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await LeaderElectionStub(channel).try_acquire_lock(acquire_request())
+        finally:
+            server.runtime.current.store = real
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert "changed hands" in (caught.value.details() or "")

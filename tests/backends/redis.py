@@ -25,6 +25,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from quorum_quest.stores import store_class
 from tests.backends import docker_engine_available, free_port
 
 VARIANTS = [pytest.param("redis", marks=pytest.mark.redis)]
@@ -198,3 +199,19 @@ def redis_store_config(redis_url: str) -> dict[str, Any]:
         "key_prefix": f"test-{uuid.uuid4().hex[:12]}",
         "timeout": STORE_TIMEOUT_S,
     }
+
+
+async def redis_prefix_in_use(redis_url: str) -> str:
+    """A fresh key prefix on the test Redis whose state marker is already valid, as a
+    Redis that other service instances use is: no state-loss grace period is due there."""
+    prefix = f"in-use-{uuid.uuid4().hex[:8]}"
+    settings = store_class("redis").settings_model.model_validate(
+        {"url": redis_url, "key_prefix": prefix}
+    )
+    store = store_class("redis")(settings, grace_ms=0)
+    await store.start()
+    try:
+        assert await store.check_state() == 0
+    finally:
+        await store.close()
+    return prefix

@@ -20,9 +20,8 @@ import pytest
 import yaml
 
 from quorum_quest._rpc import LeaderElectionStub, pb
-from quorum_quest.config.loader import validate
-from quorum_quest.stores import store_class
 from tests.backends import free_port
+from tests.backends.redis import redis_prefix_in_use
 
 # Generous: the suite must pass on a loaded 2-core machine.
 START_BUDGET_S = 30.0
@@ -128,21 +127,6 @@ async def until_granted(
         while not (answer := await stub.try_acquire_lock(request)).is_leader:
             await asyncio.sleep(0.1)
     return answer
-
-
-async def redis_prefix_in_use(redis_url: str) -> str:
-    """A fresh key prefix on the test Redis whose state marker is already valid, as a
-    Redis that other service instances use is: no state-loss grace period is due there."""
-    prefix = f"reload-{uuid.uuid4().hex[:8]}"
-    settings = validate({"backend": {"type": "redis"}, "store": {"url": redis_url}})
-    store_settings = settings.store_settings().model_copy(update={"key_prefix": prefix})
-    store = store_class("redis")(store_settings, grace_ms=0)
-    await store.start()
-    try:
-        assert await store.check_state() == 0
-    finally:
-        await store.close()
-    return prefix
 
 
 def refused_in_grace(answer: pb.TryAcquireLockResponse) -> bool:

@@ -47,10 +47,11 @@ with this instance's clock in microseconds, so that should the item ever be lost
 recreated), the new counter still starts above every token issued before. Release
 REMOVEs the holder attributes and leaves the item (and its counter) in place, and no lock
 item ever carries the TTL attribute: DynamoDB's native TTL deletes whole items and would
-take the counter with it. An expired lease needs no deletion either, since the
-conditions compare `expires_at` with the clock. Native TTL is enabled on the dedicated
-attribute `purge_at` (epoch seconds) for the store's own short-lived items: the
-write probe (`pk` "probe:write") that `start()` writes to prove the table accepts writes.
+take the counter with it (docs/backends/dynamodb.md says what letting idle items expire
+would take). An expired lease needs no deletion either, since the conditions compare
+`expires_at` with the clock. Native TTL is enabled on the dedicated attribute `purge_at`
+(epoch seconds) for the store's own short-lived items: the write probe (`pk`
+"probe:write") that `start()` writes to prove the table accepts writes.
 
 State loss. The table holds one more item that is not a lock, the state marker
 (`pk` "state:marker", which no "lock:" key can be): `grace_until` (wall-clock ms until

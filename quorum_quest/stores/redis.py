@@ -3,9 +3,10 @@
 Keys (with the default `key_prefix: lock`):
 
     lock:{<service>:<domain>}          hash {holder, token}, expires with the lease
-    lock:{<service>:<domain>}:token    the lock's fencing counter, never expires
     lock:{<service>:<domain>}:waiting  set while a caller waits for the lock's release
-    lock:state                         the state marker {run_id, replid, grace_until, ...}
+    lock:state                         the state marker {run_id, replid, grace_until,
+                                       last_token, ...}
+    lock:probe                         the health probe's write, deleted at once
     lock:released                      pub/sub channel: releases of awaited locks
 
 service and domain are percent-encoded, so ':' inside a name cannot make two pairs
@@ -19,9 +20,30 @@ that finds the flag publishes the lock's name, and every service instance subscr
 (the one the service starts with `notify_releases`) wakes its waiters on that lock,
 wherever the release came in.
 
-The counter outlives the lease on purpose: a token must stay larger than every token
-issued before, also after expiry and release. It is floored at the server's clock in
-microseconds, so a counter lost with the data still never repeats a token.
+Fencing tokens. A free lock leaves nothing in Redis: its hash goes with its lease
+(released, or expired by Redis), so a workload of ever new lock names never fills
+Redis. So a token cannot come from a counter of the lock's own; it comes from one
+counter for every lock, as in the memory store: `last_token` in the state marker, the
+last token granted through it. A grant takes max(last_token + 1, the server's clock in
+microseconds) and records it there, in the same script. Hence:
+
+- Over a lock's life, each token is larger than every token granted before through the
+  marker, for any lock, so larger than the lock's own earlier ones, whatever the clock
+  does: after the clock was set back, tokens count up from last_token until it caught up.
+- Across a loss of the state (below: last_token is lost or stale with the leases) the
+  floor is the clock. A token granted before the loss was at most the clock when it was
+  granted, unless last_token ran ahead of the clock, which takes more than one grant
+  per microsecond (one script takes longer) or a clock set back. The next grant reads
+  the clock later, so its token is larger. This rests on Redis's clock not being set
+  back across a loss, as it always has.
+
+A counter per lock that expires would not do better: it may expire only once the clock
+has passed its value, plus a margin against clocks set back, and until then costs ~90
+bytes per recently used name. Earlier versions kept such a counter,
+`lock:{<service>:<domain>}:token`, with no expiry; a grant still takes it into the
+floor and deletes it (KEYS[2] of `_ACQUIRE`), so an upgrade never repeats a token
+(docs/backends/redis.md shows how to fold in the counters of names not used again).
+Each grant reads and writes one field of the marker, about 1 µs of Redis CPU.
 
 State loss. The marker names the Redis server process (`run_id`) that last
 confirmed the state, and its replication ID (`master_replid`) then. A script that
@@ -43,6 +65,14 @@ and the lock's keys together, so the store runs against one Redis primary
 Eviction. A lease is a key with a TTL: under any `maxmemory-policy` but `noeviction`
 Redis may evict it while the marker stays, and the lock would be granted again with
 no grace period. `ping` (at start and at every health probe) refuses such a Redis.
+
+Health. A Redis can answer every read and still refuse every grant: full memory under
+`noeviction` (OOM), a replica (READONLY), too few replicas for `min-replicas-to-write`
+(NOREPLICAS). So `ping` proves a write: one script reads the policy and the role and
+sets a probe key, then deletes it (nothing stays). A refused first write leaves the
+script without effect, so the probe fails exactly when a grant's first write would.
+Every `server.healthInterval` (2 s by default) it costs Redis two INFO sections and two
+writes, some 20 µs, per service instance.
 """
 
 from __future__ import annotations
@@ -134,8 +164,9 @@ return {left, detected, why}
 """
 )
 
-# KEYS[1] lock hash, KEYS[2] counter, KEYS[3] state marker; ARGV[1] client_id,
-# ARGV[2] ttl_ms, ARGV[3] grace_ms.
+# KEYS[1] lock hash, KEYS[2] the lock's counter of earlier versions, KEYS[3] state marker;
+# ARGV[1] client_id, ARGV[2] ttl_ms, ARGV[3] grace_ms. A grant's first write is the
+# marker's `last_token` (refused when Redis is out of memory: the script has no effect).
 # -> {1, token, holder, ttl_ms} when granted, {2, ...} when the caller's lease was refreshed,
 #    {0, token, holder, pttl} when someone else holds it,
 #    {3, 0, '', grace left ms} during the state-loss grace period;
@@ -150,13 +181,14 @@ end
 if left > 0 then return reply(3, 0, '', left) end
 local lease = redis.call('HMGET', KEYS[1], 'holder', 'token')
 if lease[1] == false then
-  local token = redis.call('INCR', KEYS[2])
   local clock = redis.call('TIME')
-  local floor = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-  if token < floor then
-    token = floor
-    redis.call('SET', KEYS[2], string.format('%d', token))
-  end
+  local token = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+  local last = tonumber(redis.call('HGET', KEYS[3], 'last_token') or '0')
+  local counter = redis.call('GET', KEYS[2])
+  if counter then last = math.max(last, tonumber(counter)) end
+  if token <= last then token = last + 1 end
+  redis.call('HSET', KEYS[3], 'last_token', string.format('%d', token))
+  if counter then redis.call('DEL', KEYS[2]) end
   redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'token', string.format('%d', token))
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return reply(1, token, ARGV[1], tonumber(ARGV[2]))
@@ -229,6 +261,18 @@ local left = redis.call('PTTL', KEYS[1])
 if left == -1 or left >= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
 return 1
+""")
+
+# KEYS[1] the probe key; ARGV[1] ms it may live. -> {maxmemory_policy, role, the error of
+# the probe's write or ''}. The write is the script's first, so a refusal (OOM, READONLY,
+# NOREPLICAS) is the one a grant would meet; the key is deleted at once when written.
+_PROBE = _Script("""
+local policy = string.match(redis.call('INFO', 'memory'), 'maxmemory_policy:([%w-]+)') or ''
+local role = string.match(redis.call('INFO', 'replication'), 'role:(%a+)') or ''
+local written = redis.pcall('SET', KEYS[1], '1', 'PX', ARGV[1])
+if type(written) == 'table' and written.err then return {policy, role, written.err} end
+redis.call('DEL', KEYS[1])
+return {policy, role, ''}
 """)
 
 # KEYS[1] lock hash. -> {holder, token, pttl} or {} when free
@@ -305,10 +349,13 @@ _SCRIPTS = (
     _KEEP_ALIVE_MANY,
     _RELEASE,
     _EXPECT_RELEASE,
+    _PROBE,
     _GET_LEADER,
 )
 # The only `maxmemory-policy` under which Redis never deletes a lease before its TTL.
 SAFE_EVICTION_POLICY = "noeviction"
+# The health probe's key lives at most this long, should its deletion ever be lost.
+PROBE_TTL_MS = 10_000
 
 
 class _SentinelBlockingPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
@@ -323,6 +370,7 @@ class RedisStore(LockStore):
     def __init__(self, settings: RedisSettings, *, grace_ms: int = 0) -> None:
         super().__init__(settings, grace_ms=grace_ms)
         self._marker = f"{settings.key_prefix}:state"
+        self._probe = f"{settings.key_prefix}:probe"
         self._channel = f"{settings.key_prefix}:released"
         self._subscriber: asyncio.Task[None] | None = None
         # Scripts run over one pipelined connection (`RedisPipe`): each command costs
@@ -477,23 +525,30 @@ class RedisStore(LockStore):
                 await sentinel.aclose()
 
     async def ping(self) -> None:
-        """Return when Redis answers and cannot evict a lease; raise `StoreUnavailable`
-        otherwise. Reads `INFO memory`, which managed Redis offers where `CONFIG GET`
-        may be disabled."""
-        try:
-            if self._pipe is not None:
-                policy = _info_field(await self._pipe.execute("INFO", "memory"), "maxmemory_policy")
-            else:
-                assert self._redis is not None
-                policy = (await self._redis.info("memory")).get("maxmemory_policy")
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(self.backend, f"{self._where}: {exc}") from exc
+        """Return when Redis can grant a lock: it answers, is the primary, accepts a
+        write, and cannot evict a lease; raise `StoreUnavailable` otherwise. The policy is
+        read from `INFO memory`, which managed Redis offers where `CONFIG GET` may be
+        disabled."""
+        policy, role, refused = (
+            value.decode() for value in await self._run(_PROBE, [self._probe], [PROBE_TTL_MS])
+        )
         if policy != SAFE_EVICTION_POLICY:
             found = f"maxmemory-policy is {policy}" if policy else "no maxmemory_policy in INFO"
             raise StoreUnavailable(
                 self.backend,
                 f"{self._where}: {found}: Redis may evict a lease while the state marker "
                 f"stays, and grant its lock again; set maxmemory-policy {SAFE_EVICTION_POLICY}",
+            )
+        if role != "master":
+            raise StoreUnavailable(
+                self.backend,
+                f"{self._where}: this Redis is a replica ({role or 'no role in INFO'}); "
+                "the lock state is kept on the primary",
+            )
+        if refused:
+            raise StoreUnavailable(
+                self.backend,
+                f"{self._where}: Redis refuses writes, so no lock can be granted: {refused}",
             )
 
     async def check_state(self) -> int:
@@ -640,12 +695,3 @@ def _lock_name(key: LockKey) -> str:
 def _lock_of(name: bytes) -> LockKey:
     service, _, domain = name.decode().partition(":")
     return LockKey(unquote(service, errors="strict"), unquote(domain, errors="strict"))
-
-
-def _info_field(info: bytes, name: str) -> str | None:
-    """The value of `name` in an INFO reply (`name:value` lines), or None."""
-    for line in info.decode(errors="replace").splitlines():
-        field, _, value = line.partition(":")
-        if field == name:
-            return value.strip()
-    return None

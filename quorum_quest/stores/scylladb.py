@@ -45,10 +45,11 @@ milliseconds. The lease end is therefore `expires_at`, in milliseconds, and it i
 on the service instance's wall clock (`<now>`), as in the DynamoDB store: instances
 sharing a table need synchronised clocks, and an instance takes over a foreign lease only
 `clock_skew_margin` after its end. The row, and with it `fencing_token`, is never deleted
-(release removes only the lease cells), so the counter survives expiry and release, like
-the Redis counter key. A new token is `max(seen + 1, wall clock in microseconds)`: the
-compare-and-set on the seen token makes it larger than every token issued before, and the
-clock floor keeps tokens rising even if the table is dropped and created again.
+(release removes only the lease cells), so the counter survives expiry and release; rows
+of idle locks therefore stay (docs/backends/scylladb.md says what a TTL on them would
+take). A new token is `max(seen + 1, wall clock in microseconds)`: the compare-and-set on
+the seen token makes it larger than every token issued before, and the clock floor keeps
+tokens rising even if the table is dropped and created again.
 
 State loss. The table holds one row that is not a lock, the state marker:
 service '' (the service refuses empty names, so no client can name this row) and domain

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -37,13 +38,16 @@ async def keys_of(url: str, pattern: str, db: int = 0) -> list[bytes]:
 
 async def test_both_keys_of_a_lock_share_one_hash_slot(redis_url: str, prefix: str) -> None:
     store = make_store(url=redis_url, key_prefix=prefix)
+    store.notify_releases(lambda key: None)  # so that a wait sets the waiting flag
     await store.start()
     try:
-        await store.acquire(LockKey("orders{eu}", "shard:7"), "alice", 10_000)
+        key = LockKey("orders{eu}", "shard:7")
+        await store.acquire(key, "alice", 10_000)
+        await store.expect_release(key, 10_000)
         keys = await keys_of(redis_url, f"{prefix}:{{*")
     finally:
         await store.close()
-    assert len(keys) == 2, keys
+    assert len(keys) == 2, keys  # the lease and its waiting flag
     assert len({key_slot(key) for key in keys}) == 1
 
 
@@ -57,7 +61,6 @@ async def test_keys_carry_the_configured_prefix(redis_url: str, prefix: str) -> 
     assert await keys_of(redis_url, f"{prefix}:*") == [
         f"{prefix}:state".encode(),
         f"{prefix}:{{svc:dom}}".encode(),
-        f"{prefix}:{{svc:dom}}:token".encode(),
     ]
 
 
@@ -71,7 +74,7 @@ async def test_db_setting_selects_the_database(redis_url: str, prefix: str) -> N
     finally:
         await store.close()
     assert await keys_of(redis_url, f"{prefix}:*", db=0) == []
-    assert len(await keys_of(redis_url, f"{prefix}:*", db=3)) == 3
+    assert len(await keys_of(redis_url, f"{prefix}:*", db=3)) == 2  # state marker, lease
 
 
 async def test_password_is_used() -> None:
@@ -106,6 +109,76 @@ async def test_tokens_keep_rising_after_the_data_is_lost() -> None:
         after = (await store.acquire(key, "bob", 10_000)).token
         await store.close()
     assert after > before
+
+
+# -- the state of idle locks -----------------------------------------------------------
+
+
+async def test_an_idle_lock_leaves_no_key_behind(redis_url: str, prefix: str) -> None:
+    """Neither a released nor an expired lease leaves anything of its lock in Redis, so
+    a workload of ever new lock names does not fill it."""
+    store = make_store(url=redis_url, key_prefix=prefix)
+    await store.start()
+    try:
+        released, expired = LockKey("svc", "released"), LockKey("svc", "expired")
+        granted = await store.acquire(released, "alice", 60_000)
+        assert await store.release(released, "alice", granted.token)
+        assert await keys_of(redis_url, f"{prefix}:{{svc:released}}*") == []
+        assert (await store.acquire(expired, "alice", 100)).acquired
+        async with asyncio.timeout(30):  # Redis deletes the lease 100 ms on
+            while await keys_of(redis_url, f"{prefix}:{{svc:expired}}*"):
+                await asyncio.sleep(0.05)
+    finally:
+        await store.close()
+
+
+def clock_us_ahead(hours: int) -> int:
+    """A token that the clock will read only `hours` from now: what tokens granted before
+    Redis's clock was set back by that much look like."""
+    return time.time_ns() // 1000 + hours * 3_600_000_000
+
+
+async def test_tokens_rise_even_when_the_clock_reads_before_the_last_token(
+    redis_url: str, prefix: str
+) -> None:
+    """An idle lock keeps no counter of its own, so a token cannot come from one: it is
+    above the last token granted (kept in the state marker), whatever the clock reads."""
+    store = make_store(url=redis_url, key_prefix=prefix)
+    admin = aioredis.Redis.from_url(redis_url)
+    await store.start()
+    try:
+        last = clock_us_ahead(hours=1)
+        await admin.hset(f"{prefix}:state", "last_token", str(last))
+        tokens = []
+        for client in ("alice", "bob", "carol"):
+            granted = await store.acquire(KEY, client, 60_000)
+            assert await store.release(KEY, client, granted.token)
+            assert await keys_of(redis_url, f"{prefix}:{{svc:dom}}*") == []
+            tokens.append(granted.token)
+        assert last < tokens[0] < tokens[1] < tokens[2]
+    finally:
+        await admin.aclose()
+        await store.close()
+
+
+async def test_a_counter_left_by_an_earlier_version_floors_the_next_token_and_goes(
+    redis_url: str, prefix: str
+) -> None:
+    """Earlier versions kept a counter per lock, with no expiry; the next grant of its lock
+    takes it into account and deletes it."""
+    store = make_store(url=redis_url, key_prefix=prefix)
+    admin = aioredis.Redis.from_url(redis_url)
+    await store.start()
+    try:
+        counter = f"{prefix}:{{svc:dom}}:token"
+        await admin.set(counter, str(legacy := clock_us_ahead(hours=1)))
+        granted = await store.acquire(KEY, "alice", 60_000)
+        assert granted.token > legacy
+        assert not await admin.exists(counter)
+        assert (await store.acquire(LockKey("svc", "other"), "alice", 60_000)).token > legacy
+    finally:
+        await admin.aclose()
+        await store.close()
 
 
 def test_key_prefix_with_braces_is_rejected() -> None:
@@ -295,6 +368,46 @@ async def test_an_evicting_redis_is_refused_at_start_and_by_the_health_probe() -
         finally:
             await refused.close()
             await admin.aclose()
+
+
+async def test_a_redis_that_refuses_writes_fails_the_health_probe() -> None:
+    """A full Redis under noeviction still answers every read, but refuses every grant:
+    health must say so, not only that Redis answers."""
+    with RedisProcess() as server:
+        admin = aioredis.Redis.from_url(server.url)
+        store = make_store(url=server.url)
+        try:
+            await store.start()
+            await store.ping()
+            await admin.config_set("maxmemory", 1)  # every write is over the limit now
+            with pytest.raises(StoreUnavailable, match="OOM"):
+                await store.acquire(KEY, "alice", 10_000)
+            with pytest.raises(StoreUnavailable, match="OOM"):
+                await store.ping()
+            await admin.config_set("maxmemory", 0)
+            await store.ping()
+            assert (await store.acquire(KEY, "alice", 10_000)).acquired
+            assert await keys_of(server.url, "*probe*") == []  # the probe leaves nothing
+        finally:
+            await store.close()
+            await admin.aclose()
+
+
+async def test_a_read_only_replica_fails_the_health_probe(prefix: str) -> None:
+    with (
+        RedisProcess() as primary,
+        RedisProcess("--replicaof", "127.0.0.1", str(primary.port)) as replica,
+    ):
+        on_primary = make_store(0, url=primary.url, key_prefix=prefix)
+        on_replica = make_store(0, url=replica.url, key_prefix=prefix)
+        try:
+            await on_primary.start()
+            await until_replicated(replica.url, f"{prefix}:state")
+            with pytest.raises(StoreUnavailable, match="replica"):
+                await on_replica.ping()
+        finally:
+            await on_primary.close()
+            await on_replica.close()
 
 
 async def test_the_grace_period_is_shared_by_every_instance(redis_url: str, prefix: str) -> None:

@@ -551,7 +551,7 @@ def on_redis(name: str) -> bool:
 
 
 async def delete_keys(url: str, key_prefix: str) -> int:
-    """Delete what a run left in Redis (the fencing counters never expire)."""
+    """Delete what a run left in Redis (its state marker, and any lease left)."""
     client = aioredis.Redis.from_url(url)
     try:
         keys = [key async for key in client.scan_iter(match=f"{key_prefix}:*", count=1000)]

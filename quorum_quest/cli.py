@@ -3,8 +3,10 @@
     quorum-quest-service [-config=PATH | --config PATH]
 
 PATH is a config file or a directory holding config.yaml, config.yml,
-quorum-quest.yaml or quorum-quest.yml (default: ./config). With no file found the
-service starts on the embedded memory store at localhost:5050.
+quorum-quest.yaml or quorum-quest.yml; a PATH without one is a config error. With no
+flag, ./config is searched the same way, and with no file found there the service
+starts on its defaults (the embedded memory store at localhost:5050) and the
+environment.
 """
 
 from __future__ import annotations
@@ -36,10 +38,17 @@ def _parser() -> argparse.ArgumentParser:
         "--config",
         dest="config",
         type=Path,
-        default=DEFAULT_PATH,
-        help="config file, or a directory holding config.yaml (default: ./config)",
+        default=None,
+        help=f"config file, or a directory holding config.yaml (default: ./{DEFAULT_PATH})",
     )
     return parser
+
+
+def _store_in_use(settings: Settings) -> str:
+    backend = settings.backend.type
+    if backend == "memory":
+        return "the embedded memory store"
+    return f"the {backend} store the environment selects"
 
 
 def _run(settings: Settings, file: Path | None, *, reuse_port: bool) -> None:
@@ -63,15 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         file = find_config_file(args.config)
         settings = load_settings(file)
+        empty = file is not None and not read_yaml(file)
     except ConfigError as exc:
-        print(f"quorum-quest-service: config error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).splitlines())
+        print(f"quorum-quest-service: config error: {message}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings.logger)
     if file is None:
-        logger.info("no config file found at {}; using the embedded memory store", args.config)
+        logger.info("no config file found at {}; using {}", DEFAULT_PATH, _store_in_use(settings))
     else:
         logger.info("config loaded from {}", file)
-        if not read_yaml(file):
+        if empty:
             logger.warning("{} is empty: every key has its default", file)
     worker = worker_index()
     if worker is None and settings.server.workers > 1:

@@ -6,20 +6,29 @@ underscores, so `QUORUMQUEST_SERVERADDRESS` sets `serverAddress` and
 `QUORUMQUEST_STORE_ACCESSKEYID` sets `store.accessKeyId`. The environment is layered
 onto the file here, before validation, because the `store:` keys depend on the
 backend, which may itself come from either source.
+
+Whatever a file or a variable holds, loading ends in `Settings` or in one
+`ConfigError` naming the key, the variable or the file: never in another exception.
+The service exits 2 on it at start, and a reload is rejected with it while the
+running configuration stays.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
 
-from quorum_quest.config.settings import Settings
+from quorum_quest.config.settings import Settings, split_address
 from quorum_quest.errors import ConfigError
 from quorum_quest.stores import UnknownBackend, store_class
 from quorum_quest.stores.registry import canonical_name
@@ -27,18 +36,40 @@ from quorum_quest.stores.registry import canonical_name
 ENV_PREFIX = "QUORUMQUEST_"
 CANDIDATE_NAMES = ("config.yaml", "config.yml", "quorum-quest.yaml", "quorum-quest.yml")
 DEFAULT_PATH = Path("config")
+# Every float key is a number of seconds (or a ratio). Bounded so that each one, in ms,
+# fits every clock it is handed to: thread waits, timers, protobuf Durations.
+MAX_SECONDS = 1_000_000_000  # about 31 years
+MAX_INTEGER = 2**63 - 1
+# Mistakes named in one error line; the rest are counted.
+SHOWN_ERRORS = 3
+# Pydantic's errors for a number out of bounds: for nan or inf, "not finite" says more.
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 
 
-def find_config_file(path: Path) -> Path | None:
-    """`path` itself if it is a file; in a directory, the first candidate name present."""
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for name in CANDIDATE_NAMES:
-            if (path / name).is_file():
-                return path / name
-        return None
-    if path != DEFAULT_PATH:
+def find_config_file(path: Path | None) -> Path | None:
+    """The config file: `path` itself if it is a file, or in a directory the first
+    candidate name present. A `path` the user gave must hold one; with none, ./config
+    is searched the same way, and finding nothing there means "no file"."""
+    given = path is not None
+    path = DEFAULT_PATH if path is None else path
+    try:
+        if path.is_file():
+            return path
+        if path.is_dir():
+            for name in CANDIDATE_NAMES:
+                if (path / name).is_file():
+                    return path / name
+            if given:
+                raise ConfigError(
+                    "",
+                    f"no config file in directory {path} (looked for {', '.join(CANDIDATE_NAMES)})",
+                )
+            return None
+        if given and path.exists():
+            raise ConfigError("", f"config path {str(path)!r} is neither a file nor a directory")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+    if given:
         raise ConfigError("", f"config path {str(path)!r} does not exist")
     return None
 
@@ -48,15 +79,33 @@ def read_yaml(file: Path, *, allow_empty: bool = True) -> dict[str, Any]:
     all, or with `allow_empty=False` an error: a reload never takes a file saved empty
     (truncated just before a write) for a configuration of all defaults."""
     try:
-        document = yaml.safe_load(file.read_text(encoding="utf-8"))
+        data = file.read_bytes()
     except OSError as exc:
-        raise ConfigError("", f"cannot read {file}: {exc.strerror}") from exc
+        raise ConfigError("", f"cannot read {file}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            "", f"{file} is not UTF-8 text (line {line}: byte 0x{data[exc.start]:02x})"
+        ) from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(
+            "", f"{file} is not a text file (line {line}: character #x{code:04x})"
+        ) from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise ConfigError(
-            "", f"{file} is not valid YAML{at}: {getattr(exc, 'problem', exc)}"
-        ) from exc
+        problem = _one_line(getattr(exc, "problem", None) or exc)
+        raise ConfigError("", f"{file} is not valid YAML{at}: {problem}") from None
+    except RecursionError:
+        raise ConfigError("", f"{file} nests too deeply to be a config file") from None
+    except Exception as exc:  # a value PyYAML cannot build, e.g. an integer of 5,000 digits
+        raise ConfigError("", f"{file} cannot be read as YAML: {_describe(exc)}") from None
     if document is None:
         if not allow_empty:
             raise ConfigError(
@@ -74,10 +123,16 @@ def load_settings(
     file: Path | None, environ: Mapping[str, str] | None = None, *, allow_empty: bool = True
 ) -> Settings:
     """Validate the file (if any) with the environment layered on top; an empty file is
-    an error unless `allow_empty` (see `read_yaml`)."""
-    raw = read_yaml(file, allow_empty=allow_empty) if file is not None else {}
-    apply_environment(raw, os.environ if environ is None else environ)
-    return validate(raw)
+    an error unless `allow_empty` (see `read_yaml`). Every failure is a `ConfigError`."""
+    try:
+        raw = read_yaml(file, allow_empty=allow_empty) if file is not None else {}
+        apply_environment(raw, os.environ if environ is None else environ)
+        return validate(raw)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a failure no check above foresaw: still one line, not a crash
+        where = file if file is not None else "the configuration"
+        raise ConfigError("", f"{where} cannot be loaded: {_describe(exc)}") from exc
 
 
 def validate(raw: dict[str, Any]) -> Settings:
@@ -85,10 +140,12 @@ def validate(raw: dict[str, Any]) -> Settings:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
         raise _config_error(exc) from None
+    _check_numbers(settings)
     try:
         store = settings.store_settings()
     except ValidationError as exc:
         raise _config_error(exc, prefix="store") from None
+    _check_numbers(store, "store")
     if settings.server.workers > 1:
         if settings.backend.type == "memory":
             raise ConfigError(
@@ -96,7 +153,7 @@ def validate(raw: dict[str, Any]) -> Settings:
                 "the memory store keeps its locks inside one process, so it can have only"
                 " 1 worker; use a shared backend (redis, scylladb, dynamodb) for more",
             )
-        if settings.serverAddress.rsplit(":", 1)[-1] == "0":
+        if split_address(settings.serverAddress)[1] == 0:
             raise ConfigError(
                 "server.workers", "several workers need a fixed port in serverAddress"
             )
@@ -115,14 +172,55 @@ def validate(raw: dict[str, Any]) -> Settings:
     return settings
 
 
+def _check_numbers(model: BaseModel, prefix: str = "") -> None:
+    """Refuse inf, nan and numbers too large for the clocks and integers they become."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(value, BaseModel):
+            _check_numbers(value, path)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(path, f"must be a finite number, not {value}")
+        elif isinstance(value, float) and abs(value) > MAX_SECONDS:
+            raise ConfigError(
+                path, f"must be at most {MAX_SECONDS} (about 31 years), not {value:g}"
+            )
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INTEGER:
+            raise ConfigError(path, f"must be at most {MAX_INTEGER}")
+
+
 def _config_error(exc: ValidationError, prefix: str = "") -> ConfigError:
-    error = exc.errors(include_url=False)[0]
+    """The first few mistakes in one line; the first one's key is the error's path."""
+    mistakes = [_mistake(error, prefix) for error in exc.errors(include_url=False)]
+    path, reason = mistakes[0]
+    shown = [reason, *(f"{p}: {r}" if p else r for p, r in mistakes[1:SHOWN_ERRORS])]
+    more = len(mistakes) - SHOWN_ERRORS
+    return ConfigError(path, "; ".join(shown) + (f" (and {more} more)" if more > 0 else ""))
+
+
+def _mistake(error: Any, prefix: str) -> tuple[str, str]:
     path = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
-    reason = error["msg"].removeprefix("Value error, ")
+    reason = _one_line(error["msg"].removeprefix("Value error, "))
     if error["type"] == "extra_forbidden":
         reason = "unknown key"
-    more = len(exc.errors()) - 1
-    return ConfigError(path, reason + (f" (and {more} more)" if more else ""))
+    elif error["type"] in _BOUND_ERRORS and not _finite(error.get("input")):
+        reason = f"must be a finite number, not {error['input']}"
+    return path, reason
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return True
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).splitlines())
+
+
+def _describe(exc: BaseException) -> str:
+    return _one_line(f"{type(exc).__name__}: {exc}")[:300]
 
 
 def _squash(name: str) -> str:
@@ -147,24 +245,40 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
 
 
 def _apply_one(raw: dict[str, Any], name: str, value: str) -> None:
+    variable = ENV_PREFIX + name
     fields = Settings.model_fields
     top = _match(name, fields)
-    value = _parse(value)
     if top is not None and not _is_section(top):
-        raw[top] = value
+        raw[top] = _parse(value, fields[top], variable)
         return
     section_name, _, key = name.partition("_")
     section = _match(section_name, fields)
     if section is None or not key:
-        raise ConfigError(ENV_PREFIX + name, "environment variable names no known key")
-    target = raw.get(section)
+        raise ConfigError(variable, "environment variable names no known key")
+    if section not in raw:
+        raw[section] = {}
+    target = raw[section]
     if not isinstance(target, dict):
-        target = raw[section] = {}
+        raise ConfigError(
+            section, f"must be a mapping of keys, not {_kind(target)} ({variable} sets one of them)"
+        )
     known = _store_keys(raw) if section == "store" else fields[section].annotation.model_fields
     matched = _match(key, [*target, *known]) or key.lower()
     for existing in [k for k in target if _squash(k) == _squash(matched)]:
         del target[existing]
-    target[matched] = value
+    target[matched] = _parse(value, known.get(matched), variable)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "empty"
+    return {
+        list: "a list",
+        str: "text",
+        int: "a number",
+        float: "a number",
+        bool: "true/false",
+    }.get(type(value), type(value).__name__)
 
 
 def _is_section(field: str) -> bool:
@@ -172,21 +286,49 @@ def _is_section(field: str) -> bool:
     return field == "store" or (isinstance(annotation, type) and issubclass(annotation, BaseModel))
 
 
-def _store_keys(raw: dict[str, Any]) -> list[str]:
+def _store_keys(raw: dict[str, Any]) -> dict[str, FieldInfo]:
     backend = raw.get("backend")
     name = backend.get("type", "memory") if isinstance(backend, dict) else "memory"
     try:
         model = store_class(canonical_name(str(name))).settings_model
     except UnknownBackend:
-        return []  # reported by the validation of backend.type
-    return list(model.model_fields)
+        return {}  # reported by the validation of backend.type
+    return model.model_fields
 
 
-def _parse(value: str) -> Any:
-    """A JSON list or mapping stays structured (`["a:1", "b:2"]`); anything else is text."""
-    if value.lstrip().startswith(("[", "{")):
-        try:
-            return json.loads(value)
-        except ValueError:
-            pass
-    return value
+# `[::1]:9042,[::2]:9042`: a comma-separated list of addresses, not broken JSON.
+_ADDRESS_LIST = re.compile(
+    r"\s*(\[[\w:.%-]+\](:\d+)?|[^\s\[\]{},]+)\s*(,\s*(\[[\w:.%-]+\](:\d+)?|[^\s\[\]{},]+)\s*)*"
+)
+
+
+def _parse(value: str, field: FieldInfo | None, variable: str) -> Any:
+    """A variable's value for `field`. A text key takes it as it is; for any other key
+    a value in brackets or braces is JSON (`["a:1", "b:2"]`), and broken JSON is an
+    error rather than a host name. Anything else stays text for validation to read."""
+    if field is not None and _takes_text(field.annotation):
+        return value
+    if not value.lstrip().startswith(("[", "{")):
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError) as exc:
+        if field is None or _ADDRESS_LIST.fullmatch(value):
+            return value  # an unknown key (reported by validation) or bracketed IPv6 addresses
+        reason = _one_line(exc) if isinstance(exc, ValueError) else "it nests too deeply"
+        raise ConfigError(
+            variable, f'is not valid JSON ({reason}); write a list as ["a:9042", "b:9042"]'
+        ) from None
+
+
+def _takes_text(annotation: Any) -> bool:
+    """Whether a key of this type is text (`str`, a secret, a choice of words)."""
+    if annotation in (str, SecretStr):
+        return True
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return all(isinstance(choice, str) for choice in get_args(annotation))
+    if origin in (Union, types.UnionType):
+        options = [option for option in get_args(annotation) if option is not type(None)]
+        return bool(options) and all(map(_takes_text, options))
+    return False

@@ -19,6 +19,34 @@ _LOG_LEVELS = {"TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICA
 _LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL", "PANIC": "CRITICAL"}
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port`, `[ipv6]:port` or `:port` (all interfaces) as (host, port).
+
+    A port is required: gRPC would otherwise pick one (443 for a bare host, the number
+    modulo 65536 for one too large) and serve where nobody looks. Port 0 = any free port.
+    """
+    if address.startswith("["):
+        host, bracket, rest = address[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"{address!r} has no closing ']'")
+        if not rest:
+            raise ValueError(f"{address!r} has no port: write [host]:port, as [::1]:5050")
+        if not rest.startswith(":"):
+            raise ValueError(f"{address!r} is not [host]:port")
+        port = rest[1:]
+    else:
+        host, colon, port = address.rpartition(":")
+        if not colon:
+            raise ValueError(f"{address!r} has no port: write host:port (':5050' = all interfaces)")
+        if ":" in host:
+            raise ValueError(f"{address!r}: an IPv6 address is written in brackets, as [::1]:5050")
+    if not (port.isascii() and port.isdigit()):
+        raise ValueError(f"{port!r} in {address!r} is not a port (0 to 65535)")
+    if int(port) > 65535:
+        raise ValueError(f"port {int(port)} in {address!r} is above 65535")
+    return host, int(port)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -107,6 +135,12 @@ class Settings(_Section):
     logger: LoggerSettings = LoggerSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     server: ServerSettings = ServerSettings()
+
+    @field_validator("serverAddress")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        split_address(value)
+        return value
 
     def store_settings(self) -> StoreSettings:
         """The `store:` section validated by the configured backend's model."""

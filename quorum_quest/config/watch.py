@@ -10,6 +10,9 @@ a moment apart agree, so a file caught halfway through a write is not taken.
 Editors and config managers truncate a file before they write it: an empty file (or
 one of comments only) is never applied as "all defaults"; it is rejected like an
 invalid one and the running configuration stays.
+
+Nothing a file holds ends the watch: every change yields new settings or the
+`ConfigError` that rejects them, whatever the bytes (binary, not UTF-8, absurdly deep).
 """
 
 from __future__ import annotations
@@ -49,10 +52,15 @@ async def watch_settings(
         if content is None or content == last:
             continue
         last = content
+        update: Settings | ConfigError
         try:
-            yield load_settings(file, allow_empty=False)
+            update = load_settings(file, allow_empty=False)
         except ConfigError as exc:
-            yield exc
+            update = exc
+        except Exception as exc:  # load_settings means to raise only ConfigError; a net
+            reason = " ".join(f"{type(exc).__name__}: {exc}".splitlines())
+            update = ConfigError("", f"{file} cannot be loaded: {reason}")
+        yield update
 
 
 async def _settled(file: Path) -> bytes | None:

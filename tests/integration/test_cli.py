@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,9 +28,9 @@ def service(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
     )
 
 
-def wait_serving(port: int, process: subprocess.Popen[str]) -> None:
+def wait_serving(port: int, process: subprocess.Popen[str], target: str = "") -> None:
     deadline = time.monotonic() + 20
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with grpc.insecure_channel(target or f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -184,3 +185,144 @@ def test_a_dead_worker_stops_the_others_and_exits_1(tmp_path: Path, redis_url: s
     assert process.returncode == 1
     assert f"worker pid {first} exited with -9; stopping the others" in stderr
     assert not Path(f"/proc/{second}").exists()
+
+
+def config_error_line(process: subprocess.Popen[str]) -> str:
+    """The one line a config error prints; fails if `process` does not exit 2 with it."""
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, stderr = process.communicate()
+        raise AssertionError(
+            f"the service kept running instead of exiting 2:\n{stderr[-2000:]}"
+        ) from None
+    assert process.returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith("quorum-quest-service: config error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("address", ["localhost", "127.0.0.1:70000", "127.0.0.1:-1", "::1"])
+def test_an_address_without_a_valid_port_exits_2_naming_server_address(
+    tmp_path: Path, address: str
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f'serverAddress: "{address}"\n')
+    line = config_error_line(service(f"-config={config}", cwd=tmp_path))
+    assert "config error: serverAddress: " in line
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize(("address", "dial"), [(":{}", "127.0.0.1:{}"), ("[::1]:{}", "[::1]:{}")])
+def test_all_interfaces_and_ipv6_addresses_serve(tmp_path: Path, address: str, dial: str) -> None:
+    if address.startswith("[") and not ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback")
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(f'serverAddress: "{address.format(port)}"\n')
+    process = service(f"-config={config}", cwd=tmp_path)
+    try:
+        wait_serving(port, process, dial.format(port))
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "environ", "expected"),
+    [
+        (b"server: {maxTtl: .inf}\n", {}, "server.maxTtl: "),
+        (b"server: {maxTtl: .nan}\n", {}, "server.maxTtl: "),
+        (b"", {"QUORUMQUEST_SERVER_MAXTTL": "1e400"}, "server.maxTtl: "),
+        (b"server: {maxTtl: 1e300}\n", {}, "server.maxTtl: "),
+        (b"server: {healthInterval: 1e300}\n", {}, "server.healthInterval: "),
+        (b'logger: {level: "\xff\xfe"}\n', {}, "config.yaml is not UTF-8 text"),
+        (bytes(range(256)) * 16, {}, "config.yaml is not UTF-8 text"),
+        (b"\x00\x01\x02\x03" * 64, {}, "config.yaml is not a text file"),
+        (b"[" * 100_000, {}, "config.yaml nests too deeply"),
+        (b"a:\n" + b"".join(b" " * i + b"b:\n" for i in range(1, 3000)), {}, "nests too deeply"),
+    ],
+    ids=[
+        "inf",
+        "nan",
+        "env-1e400",
+        "1e300",
+        "interval-1e300",
+        "non-utf8",
+        "binary",
+        "nul-bytes",
+        "deep-flow",
+        "deep-block",
+    ],
+)
+def test_an_unreadable_or_out_of_range_config_exits_2_with_one_line(
+    tmp_path: Path, content: bytes, environ: dict[str, str], expected: str
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_bytes(content)
+    environ = {"QUORUMQUEST_SERVERADDRESS": f"127.0.0.1:{free_port()}", **environ}
+    line = config_error_line(service(f"-config={config}", cwd=tmp_path, env=environ))
+    assert expected in line
+
+
+def test_a_list_variable_that_is_not_json_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    environ = {
+        "QUORUMQUEST_SERVERADDRESS": f"127.0.0.1:{free_port()}",
+        "QUORUMQUEST_BACKEND_TYPE": "scylladb",
+        "QUORUMQUEST_STORE_ENDPOINTS": "[bad json",
+        "QUORUMQUEST_STORE_CONNECT_TIMEOUT": "0.5",
+    }
+    line = config_error_line(service(cwd=tmp_path, env=environ))
+    assert "config error: QUORUMQUEST_STORE_ENDPOINTS: " in line
+    assert "JSON" in line
+
+
+def test_an_invalid_section_is_reported_even_when_the_environment_sets_one_of_its_keys(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("server: [maxTtl, 30]\n")
+    environ = {
+        "QUORUMQUEST_SERVERADDRESS": f"127.0.0.1:{free_port()}",
+        "QUORUMQUEST_SERVER_STATELOSSGRACE": "0",
+    }
+    line = config_error_line(service(f"-config={config}", cwd=tmp_path, env=environ))
+    assert "config error: server: " in line
+
+
+def test_an_explicit_directory_without_a_config_file_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    environ = {"QUORUMQUEST_SERVERADDRESS": f"127.0.0.1:{free_port()}"}
+    line = config_error_line(service(f"-config={tmp_path / 'empty'}", cwd=tmp_path, env=environ))
+    assert str(tmp_path / "empty") in line
+    assert "config.yaml" in line
+
+
+def test_without_a_config_file_the_start_up_log_names_the_store_the_environment_chose(
+    tmp_path: Path,
+) -> None:
+    environ = {
+        "QUORUMQUEST_SERVERADDRESS": f"127.0.0.1:{free_port()}",
+        "QUORUMQUEST_BACKEND_TYPE": "redis",
+        "QUORUMQUEST_STORE_HOST": "127.0.0.1",
+        "QUORUMQUEST_STORE_PORT": str(free_port()),
+        "QUORUMQUEST_STORE_TIMEOUT": "0.5",
+    }
+    process = service(cwd=tmp_path, env=environ)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1, stderr
+    assert "memory store" not in stderr
+    assert "no config file found at config; using the redis store" in stderr

@@ -231,3 +231,108 @@ async def test_store_that_cannot_connect_is_rejected_and_the_old_one_stays(tmp_p
         assert "redis store unavailable" in server.runtime.last_reload
         assert server.runtime.current.store.backend == "memory"
         assert await acquire_default_ttl(server) == 15
+
+
+BAD_CONTENTS = {
+    "non-utf8": (b'logger: {level: "\xff\xfe"}\n', "not UTF-8"),
+    "binary": (bytes(range(256)) * 16, "not UTF-8"),
+    "nul-bytes": (b"\x00\x01\x02\x03" * 64, "not a text file"),
+    "deep": (b"[" * 50_000, "nests too deeply"),
+    "inf": (config_text(extra="server: {maxTtl: .inf}").encode(), "server.maxTtl"),
+    "nan": (config_text(extra="store: {ttl: 5}\nserver: {maxTtl: .nan}").encode(), "server.maxTtl"),
+    "huge": (config_text(extra="observability: {metricsInterval: 1e300}").encode(), "at most"),
+}
+
+
+async def test_the_watcher_reports_every_unreadable_file_and_applies_the_next_valid_save(
+    tmp_path: Path,
+) -> None:
+    file = tmp_path / "config.yaml"
+    file.write_text(config_text(extra="store: {ttl: 15}"))
+    async with running_server(load_settings(file, {}), file) as server:
+        await asyncio.sleep(0.3)
+        for rejected, (content, reason) in enumerate(BAD_CONTENTS.values(), start=1):
+            file.write_bytes(content)
+            await wait_until(lambda n=rejected: server.runtime.reloads["rejected"] == n, 30)
+            assert server.runtime.last_reload.startswith("rejected: ")
+            assert reason in server.runtime.last_reload
+            assert "\n" not in server.runtime.last_reload
+            assert server.runtime.current.policy.default_ttl_ms == 15_000
+        file.write_text(config_text(extra="store: {ttl: 5}"))
+        await wait_until(lambda: server.runtime.current.policy.default_ttl_ms == 5000, 30)
+        assert server.runtime.last_reload == "applied"
+
+
+async def test_the_watcher_survives_a_failure_while_applying_a_reload(tmp_path: Path) -> None:
+    file = tmp_path / "config.yaml"
+    file.write_text(config_text(extra="store: {ttl: 15}"))
+    async with running_server(load_settings(file, {}), file) as server:
+        apply = server.apply
+        calls = 0
+
+        async def fails_once(new):  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("boom while applying")
+            return await apply(new)
+
+        server.apply = fails_once  # type: ignore[method-assign]
+        await asyncio.sleep(0.3)
+        file.write_text(config_text(extra="store: {ttl: 9}"))
+        await wait_until(lambda: server.runtime.reloads["rejected"] == 1, 30)
+        assert "boom while applying" in server.runtime.last_reload
+        assert server.runtime.current.policy.default_ttl_ms == 15_000
+        file.write_text(config_text(extra="store: {ttl: 5}"))
+        await wait_until(lambda: server.runtime.current.policy.default_ttl_ms == 5000, 30)
+
+
+async def test_the_watcher_survives_an_unexpected_failure_while_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from quorum_quest.config import watch
+
+    calls = 0
+
+    def fails_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom while loading")
+        return load_settings(*args, **kwargs)
+
+    monkeypatch.setattr(watch, "load_settings", fails_once)
+    file = tmp_path / "config.yaml"
+    file.write_text(config_text(extra="store: {ttl: 15}"))
+    async with running_server(load_settings(file, {}), file) as server:
+        await asyncio.sleep(0.3)
+        file.write_text(config_text(extra="store: {ttl: 9}"))
+        await wait_until(lambda: server.runtime.reloads["rejected"] == 1, 30)
+        assert "boom while loading" in server.runtime.last_reload
+        file.write_text(config_text(extra="store: {ttl: 5}"))
+        await wait_until(lambda: server.runtime.current.policy.default_ttl_ms == 5000, 30)
+
+
+async def test_the_watch_starts_again_when_watching_the_directory_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from quorum_quest.server import app
+
+    real = app.watch_settings
+    starts = 0
+
+    def fails_first(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal starts
+        starts += 1
+        if starts == 1:
+            raise OSError("inotify watch limit reached")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app, "watch_settings", fails_first)
+    file = tmp_path / "config.yaml"
+    file.write_text(config_text(extra="store: {ttl: 15}"))
+    async with running_server(load_settings(file, {}), file) as server:
+        await wait_until(lambda: starts == 2, 30)
+        await asyncio.sleep(0.3)
+        file.write_text(config_text(extra="store: {ttl: 5}"))
+        await wait_until(lambda: server.runtime.current.policy.default_ttl_ms == 5000, 30)

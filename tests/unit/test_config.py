@@ -143,6 +143,44 @@ def test_log_levels_accept_the_original_names(tmp_path: Path, level: str, expect
             "observability.prometheusPort",
             "server.workers",
         ),
+        ('serverAddress: "localhost"\n', {}, "serverAddress", "no port"),
+        ('serverAddress: "127.0.0.1:70000"\n', {}, "serverAddress", "65535"),
+        ('serverAddress: "127.0.0.1:-1"\n', {}, "serverAddress", "not a port"),
+        ('serverAddress: "127.0.0.1:"\n', {}, "serverAddress", "not a port"),
+        ('serverAddress: "::1"\n', {}, "serverAddress", "brackets"),
+        ('serverAddress: "[::1]"\n', {}, "serverAddress", "no port"),
+        ("", {"QUORUMQUEST_SERVERADDRESS": "localhost"}, "serverAddress", "no port"),
+        ("server: {maxTtl: .inf}\n", {}, "server.maxTtl", "finite"),
+        ("server: {maxTtl: .nan}\n", {}, "server.maxTtl", "finite"),
+        ("server: {stateLossGrace: .inf}\n", {}, "server.stateLossGrace", "finite"),
+        ("", {"QUORUMQUEST_SERVER_MAXTTL": "1e400"}, "server.maxTtl", "finite"),
+        ("", {"QUORUMQUEST_SERVER_SHUTDOWNGRACE": "nan"}, "server.shutdownGrace", "finite"),
+        ("server: {maxTtl: 1e300}\n", {}, "server.maxTtl", "at most"),
+        ("server: {healthInterval: 1e12}\n", {}, "server.healthInterval", "at most"),
+        ("observability: {metricsInterval: .inf}\n", {}, "observability.metricsInterval", "finite"),
+        ("backend: {type: redis}\nstore: {timeout: .inf}\n", {}, "store.timeout", "finite"),
+        (
+            "backend: {type: scylladb}\nstore: {clock_skew_margin: 1e300}\n",
+            {},
+            "store.clock_skew_margin",
+            "at most",
+        ),
+        (
+            "",
+            {"QUORUMQUEST_BACKEND_TYPE": "scylladb", "QUORUMQUEST_STORE_ENDPOINTS": "[bad json"},
+            "QUORUMQUEST_STORE_ENDPOINTS",
+            "JSON",
+        ),
+        (
+            "",
+            {"QUORUMQUEST_BACKEND_TYPE": "redis", "QUORUMQUEST_STORE_SENTINELS": '{"a": 1'},
+            "QUORUMQUEST_STORE_SENTINELS",
+            "JSON",
+        ),
+        ("server: [1, 2]\n", {"QUORUMQUEST_SERVER_MAXTTL": "30"}, "server", "mapping"),
+        ("server: 5\n", {"QUORUMQUEST_SERVER_MAXTTL": "30"}, "server", "mapping"),
+        ("backend: redis\n", {"QUORUMQUEST_BACKEND_TYPE": "redis"}, "backend", "mapping"),
+        ("store: [a]\n", {"QUORUMQUEST_STORE_TTL": "5"}, "store", "mapping"),
     ],
 )
 def test_bad_config_names_the_key_path(
@@ -160,7 +198,6 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
 
 
 def test_a_directory_is_searched_in_order(tmp_path: Path) -> None:
-    assert find_config_file(tmp_path) is None
     (tmp_path / "quorum-quest.yml").write_text("")
     assert find_config_file(tmp_path) == tmp_path / "quorum-quest.yml"
     (tmp_path / "config.yml").write_text("")
@@ -224,3 +261,96 @@ def test_the_state_loss_grace_period_defaults_to_the_longest_lease(tmp_path: Pat
 def test_a_negative_grace_period_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"server\.stateLossGrace"):
         load("server: {stateLossGrace: -1}\n", tmp_path)
+
+
+def test_an_explicit_directory_without_a_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no config file"):
+        find_config_file(tmp_path)
+
+
+def test_without_a_path_a_missing_default_config_is_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert find_config_file(None) is None
+    (tmp_path / "config").mkdir()
+    assert find_config_file(None) is None
+    (tmp_path / "config" / "config.yml").write_text("")
+    assert find_config_file(None) == Path("config") / "config.yml"
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b'logger: {level: "\xff"}\n', "is not UTF-8 text (line 1"),
+        (bytes(range(256)), "is not UTF-8 text"),
+        (b"a: 1\n\x00\x01", "is not a text file"),
+        (b"[" * 100_000, "nests too deeply"),
+        (b"{" * 50_000, "nests too deeply"),
+        (b"port: " + b"9" * 5000 + b"\n", "cannot be read"),
+    ],
+    ids=["non-utf8", "binary", "nul-bytes", "deep-list", "deep-map", "huge-int"],
+)
+def test_an_unreadable_file_is_a_config_error_naming_the_file(
+    tmp_path: Path, content: bytes, reason: str
+) -> None:
+    file = tmp_path / "config.yaml"
+    file.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(file, {})
+    assert str(file) in str(caught.value)
+    assert reason in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("address", "host", "port"),
+    [
+        ("localhost:5050", "localhost", 5050),
+        (":5050", "", 5050),
+        ("127.0.0.1:0", "127.0.0.1", 0),
+        ("[::1]:5050", "::1", 5050),
+        ("[::]:65535", "::", 65535),
+        ("0.0.0.0:5050", "0.0.0.0", 5050),
+    ],
+)
+def test_server_addresses_with_a_port_are_accepted(
+    tmp_path: Path, address: str, host: str, port: int
+) -> None:
+    from quorum_quest.config.settings import split_address
+
+    assert load(f'serverAddress: "{address}"\n', tmp_path).serverAddress == address
+    assert split_address(address) == (host, port)
+
+
+def test_environment_values_that_look_like_json_stay_text_for_text_keys(tmp_path: Path) -> None:
+    settings = load(
+        "backend: {type: redis}\n",
+        tmp_path,
+        {"QUORUMQUEST_SERVERADDRESS": "[::1]:5050", "QUORUMQUEST_STORE_PASSWORD": '{"x": 1}'},
+    )
+    assert settings.serverAddress == "[::1]:5050"
+    assert settings.store_settings().password == '{"x": 1}'
+
+
+def test_environment_lists_take_json_or_comma_separated_addresses(tmp_path: Path) -> None:
+    environ = {"QUORUMQUEST_BACKEND_TYPE": "scylladb", "QUORUMQUEST_STORE_CREATE_SCHEMA": "false"}
+    for value, expected in (
+        ('["a:9042", "b:9042"]', ["a:9042", "b:9042"]),
+        ("a:9042,b:9042", ["a:9042", "b:9042"]),
+        ("[::1]:9042,[::2]:9042", ["[::1]:9042", "[::2]:9042"]),
+    ):
+        settings = load("", tmp_path, {**environ, "QUORUMQUEST_STORE_ENDPOINTS": value})
+        assert list(settings.store_settings().endpoints) == expected
+
+
+def test_a_config_with_several_mistakes_names_the_first_few(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load("serverAdress: x\nlogger: {level: loud}\n", tmp_path)
+    assert "serverAdress: unknown key" in str(caught.value)
+    assert "logger.level: unknown level" in str(caught.value)
+    assert "more)" not in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load("a: 1\nb: 2\nc: 3\nd: 4\ne: 5\n", tmp_path)
+    assert caught.value.path == "a"
+    assert str(caught.value) == ("a: unknown key; b: unknown key; c: unknown key (and 2 more)")

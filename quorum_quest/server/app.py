@@ -11,12 +11,12 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from loguru import logger
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from prometheus_client import CollectorRegistry, start_http_server
 
-from quorum_quest._rpc import SERVICE_NAME, service_handler
+from quorum_quest._rpc import SERVICE_NAME, DecodingRegistrar, service_handler
 from quorum_quest.api.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from quorum_quest.config.settings import Settings
 from quorum_quest.config.watch import watch_settings
@@ -24,7 +24,7 @@ from quorum_quest.errors import ConfigError, StoreUnavailable
 from quorum_quest.server.runtime import LeaseBook, Runtime, Snapshot, create_store
 from quorum_quest.server.servicer import LeaderElectionServicer
 from quorum_quest.stores import LockStore
-from quorum_quest.telemetry.logging import configure_logging
+from quorum_quest.telemetry.logging import ThrottledLog, configure_logging
 from quorum_quest.telemetry.telemetry import CurrentTracerProvider, Telemetry
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -50,20 +50,36 @@ def bind_address(address: str) -> str:
     return f"[::]{address}" if address.startswith(":") else address
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpc's health servicer, answering `List` UNIMPLEMENTED without a traceback.
+
+    The stock one inherits the generated stub's `List`, which raises NotImplementedError
+    in a worker thread: grpc then logs an ERROR with a traceback for every such call.
+    """
+
+    async def List(  # the proto's name
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "health List is not served; use Check")
+        raise AssertionError("unreachable: context.abort raises")
+
+
 class LockServer:
     """One service instance: the grpc.aio server, health, store probe and config watch.
 
     `start()` connects the store and begins serving; `stop()` shuts down gracefully:
     health goes NOT_SERVING, new calls are refused, in-flight calls get
     `server.shutdownGrace` seconds, then the store is closed. The store probe and
-    the config watch are tasks the server owns; they end with it.
+    the config watch are tasks the server owns; they end with it, as does the task that
+    writes the counts of repeated log lines (`repeats`: store failures, bad requests).
     """
 
     def __init__(
         self, settings: Settings, config_file: Path | None = None, *, reuse_port: bool = False
     ) -> None:
         self.config_file = config_file
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
+        self.repeats = ThrottledLog()
         self.port = 0
         self._prometheus = CollectorRegistry() if settings.observability.prometheusPort else None
         self.runtime = Runtime(
@@ -102,14 +118,18 @@ class LockServer:
         await store.start()
         try:
             self.runtime.note_grace(await store.check_state())
-            self._server.add_generic_rpc_handlers(
-                (service_handler(LeaderElectionServicer(self.runtime)),)
-            )
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                self._server,
-                pool=default_google_proto_descriptor_pool,
+            servicer = LeaderElectionServicer(self.runtime, self.repeats)
+            self._server.add_generic_rpc_handlers((service_handler(servicer, self._refused),))
+            # The stock servicers register through a stand-in that makes their handlers
+            # refuse undecodable requests too (INVALID_ARGUMENT, not UNKNOWN + traceback).
+            registrar = DecodingRegistrar(self._server, self._refused)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                reflection.aio.ReflectionServicer(
+                    (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                    pool=default_google_proto_descriptor_pool,
+                ),
+                registrar,
             )
             self.port = self._server.add_insecure_port(bind_address(self.settings.serverAddress))
             await self._server.start()
@@ -123,6 +143,7 @@ class LockServer:
         await self._set_health(SERVING)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._probe_store()))
+        self._tasks.append(loop.create_task(self._summarise_repeats()))
         if self.config_file is not None:
             self._tasks.append(loop.create_task(self._watch_config(self.config_file)))
         logger.info(
@@ -143,7 +164,20 @@ class LockServer:
         await self._server.stop(current.settings.server.shutdownGrace)
         await current.store.close()
         await asyncio.to_thread(current.telemetry.shutdown)
+        self.repeats.flush(everything=True)
         logger.info("stopped")
+
+    def _refused(self, method: str, reason: str, peer: str) -> None:
+        """A request that could not be decoded was answered INVALID_ARGUMENT."""
+        self.repeats.log(
+            "WARNING", "undecodable", "bad request refused: {} from {}: {}", method, peer, reason
+        )
+
+    async def _summarise_repeats(self) -> None:
+        """Write the counts of repeated log lines as they fall due."""
+        while True:
+            await asyncio.sleep(self.repeats.interval / 5)
+            self.repeats.flush()
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -179,14 +213,41 @@ class LockServer:
     # -- hot reload ---------------------------------------------------------------------
 
     async def _watch_config(self, file: Path) -> None:
-        logger.info("watching {} for changes", file)
-        async for update in watch_settings(file):
-            if isinstance(update, ConfigError):
-                self._reload_rejected(f"{file}: {update}")
-            else:
-                await self.apply(update)
+        """Apply each valid save of `file` and report every other one, until the server
+        stops. No content and no failure ends the watch: a reload that fails is rejected,
+        and a watch that fails is logged and started again (after 1 s, doubling to 30 s
+        while it keeps failing)."""
+        retry_s = 1.0
+        while True:
+            logger.info("watching {} for changes", file)
+            try:
+                async for update in watch_settings(file):
+                    retry_s = 1.0
+                    if isinstance(update, ConfigError):
+                        message = str(update)
+                        self._reload_rejected(
+                            message if str(file) in message else f"{file}: {message}"
+                        )
+                        continue
+                    try:
+                        await self.apply(update)
+                    except Exception as exc:
+                        if self.runtime.current.settings is update:
+                            logger.opt(exception=exc).error("config reload applied, then failed")
+                        else:
+                            logger.opt(exception=exc).debug("config reload failed")
+                            self._reload_rejected(
+                                f"{file}: cannot be applied: {type(exc).__name__}: {exc}"
+                            )
+            except Exception as exc:
+                logger.opt(exception=exc).error(
+                    "watching {} failed; watching again in {:g} s", file, retry_s
+                )
+            await asyncio.sleep(retry_s)
+            retry_s = min(retry_s * 2, 30.0)
 
     def _reload_rejected(self, reason: str) -> None:
+        reason = " ".join(reason.splitlines())
         self.runtime.reloads["rejected"] += 1
         self.runtime.last_reload = f"rejected: {reason}"
         logger.error("config reload rejected, the running config stays: {}", reason)

@@ -4,6 +4,12 @@ A store failure is UNAVAILABLE and a passed deadline DEADLINE_EXCEEDED; "held by
 someone else" is the only outcome reported as `is_leader=false`. Each call reads
 one runtime snapshot and keeps it to the end. Requests and answers are `wire`
 (protobuf) messages: see `quorum_quest._rpc`.
+
+A name (service, domain, client_id) is 1 to 256 bytes of UTF-8, not only whitespace,
+with no control character: C0, DEL, C1, and the line and paragraph separators U+2028
+and U+2029, which would break a log line. At INFO the service logs what operators act
+on — a lock lost by a holder it knew, a store failure (repeats counted, see
+`ThrottledLog`) — and each grant and release only at DEBUG.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,6 +34,7 @@ from quorum_quest import __version__
 from quorum_quest._rpc import wire
 from quorum_quest.errors import InvalidArgument, StoreContended, StoreUnavailable
 from quorum_quest.stores.base import MAX_NAME_BYTES, Acquisition, LockKey
+from quorum_quest.telemetry.logging import ThrottledLog
 from quorum_quest.telemetry.telemetry import (
     ACQUIRED,
     ERROR,
@@ -67,6 +75,8 @@ MAX_BATCH_LOCKS = 10_000
 REFUSED_EXAMPLES = 5
 # The largest fencing token any store issues or compares (a signed 64-bit integer).
 MAX_FENCING_TOKEN = 2**63 - 1
+# What no name may contain: C0 controls, DEL, C1 controls, line and paragraph separators.
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _one(request: object) -> int:
@@ -116,12 +126,13 @@ def _lock_operation(
             except StoreContended as exc:
                 # Nothing is in doubt and nothing was granted: the caller may ask again.
                 telemetry.count(operation, ERROR, backend, started, locks(request))
-                logger.info("store call contended: {}", exc)
+                self._log.log("INFO", f"{backend} contended", "store call contended: {}", exc)
                 await context.abort(grpc.StatusCode.ABORTED, str(exc))
             except StoreUnavailable as exc:
                 telemetry.store_error(operation, backend)
                 telemetry.count(operation, ERROR, backend, started, locks(request))
-                logger.warning("store call failed: {}", exc)
+                # An outage fails every call: the first is logged, the rest counted.
+                self._log.log("WARNING", f"{backend} failed", "store call failed: {}", exc)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             except asyncio.CancelledError:
                 # grpc.aio cancels the call's task when the caller's deadline passes
@@ -160,8 +171,16 @@ def _waited(seconds: float) -> timedelta | None:
 def _name(field: str, value: str) -> str:
     if not value:
         raise InvalidArgument(field, "must not be empty")
+    if value.isspace():
+        raise InvalidArgument(field, "must not be only whitespace")
     if len(value.encode()) > MAX_NAME_BYTES:
         raise InvalidArgument(field, f"must be at most {MAX_NAME_BYTES} bytes of UTF-8")
+    # isprintable() (C, and true of nearly every name) spares most calls the search.
+    if not value.isprintable() and (found := CONTROL_CHARACTER.search(value)):
+        raise InvalidArgument(
+            field,
+            f"must not contain control characters ({found.group()!r} at {found.start()})",
+        )
     return value
 
 
@@ -227,8 +246,9 @@ def _fencing_token(request: wire.ReleaseLockRequest) -> int:
 class LeaderElectionServicer:
     """Serves the contract in `protos/` from the runtime's current snapshot."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, log: ThrottledLog) -> None:
         self._runtime = runtime
+        self._log = log  # for failures that repeat with every call while they last
 
     @_lock_operation("acquire")
     async def try_acquire_lock(
@@ -261,7 +281,7 @@ class LeaderElectionServicer:
             return response, HELD_BY_OTHER
         self._runtime.leases.granted(key, client_id, result.ttl_ms)
         if not result.refreshed:
-            logger.info(
+            logger.debug(
                 "lock acquired: service={} domain={} client_id={} token={} ttl_ms={}",
                 key.service,
                 key.domain,
@@ -400,7 +420,7 @@ class LeaderElectionServicer:
             return wire.ReleaseLockResponse(released=False), NOT_HOLDER
         self._runtime.leases.ended(key, client_id)
         self._runtime.releases.released(key)
-        logger.info(
+        logger.debug(
             "lock released: service={} domain={} client_id={}", key.service, key.domain, client_id
         )
         return wire.ReleaseLockResponse(released=True), RELEASED

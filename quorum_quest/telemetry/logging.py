@@ -1,9 +1,23 @@
-"""One log stream: loguru, with the standard `logging` records of libraries routed into it."""
+"""One log stream: loguru, with the standard `logging` records of libraries routed into it.
+
+What the stream promises operators:
+
+- one record is one line (in text and JSON alike): a character that is not printable —
+  a newline, an escape sequence, U+2028 — is written escaped (`\\n`, `\\x1b`, `\\u2028`),
+  so no text a caller chose can forge a line or drive a terminal;
+- a failure that repeats (a store outage, a flood of bad requests) is written once at
+  once, then at most once per `SUMMARY_INTERVAL_S` with a count (`ThrottledLog`);
+- a reply grpc could not send because the call had already ended (the caller's deadline
+  passed, or it cancelled) is the caller's business: DEBUG, not an ERROR with a traceback.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from loguru import logger
@@ -11,16 +25,52 @@ from opentelemetry import trace
 
 from quorum_quest.config.settings import LoggerSettings
 
+# The longest a repeated failure goes unreported after its first line.
+SUMMARY_INTERVAL_S = 10.0
+
 
 class _ToLoguru(logging.Handler):
-    """Forward a standard `logging` record (grpc, redis, ...) to loguru."""
+    """Forward a standard `logging` record (grpc, redis, ...) to loguru, under its logger's name."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+        named = logger.patch(lambda loguru_record: loguru_record.update(name=record.name))
+        named.opt(exception=record.exc_info).log(level, record.getMessage())
+
+
+# grpc.aio logs this, with a traceback, when it cannot send a reply or status because the
+# call ended first; it says "if client closed, ignore" but learns of a deadline that
+# passed only a moment after the send fails (src/python/grpcio/grpc/_cython/_cygrpc/aio/
+# server.pyx.pxi, `_handle_exceptions`).
+GRPC_LOGGER = "grpc._cython.cygrpc"
+_REPLY_NOT_SENT = (
+    "ExecuteBatchError raised in core by servicer method",
+    "Failed sending error status from server",
+)
+
+
+class _ReplyNotSent(logging.Filter):
+    """Lower grpc's "ExecuteBatchError raised in core" to one DEBUG line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(_REPLY_NOT_SENT) and _is_execute_batch_error(record.exc_info):
+            method = message[message.find("[") :] if "[" in message else ""
+            record.msg = f"reply not sent, the call had already ended (deadline or cancel) {method}"
+            record.args = None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _is_execute_batch_error(exc_info: Any) -> bool:
+    return bool(exc_info) and type(exc_info[1]).__name__ == "ExecuteBatchError"
+
+
+_reply_not_sent = _ReplyNotSent()
 
 
 TEXT_FORMAT = (
@@ -29,8 +79,16 @@ TEXT_FORMAT = (
 )
 
 
-def _trace_ids(record: Any) -> None:
-    """Put the current span's ids on every record logged inside a span."""
+def one_line(text: str) -> str:
+    """`text` with every character that is not printable escaped, as Python writes it."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def _patch(record: Any) -> None:
+    """Make every message one line; put the current span's ids on a record in a span."""
+    record["message"] = one_line(record["message"])
     context = trace.get_current_span().get_span_context()
     if context.is_valid:
         record["extra"]["trace_id"] = format(context.trace_id, "032x")
@@ -40,9 +98,69 @@ def _trace_ids(record: Any) -> None:
 def configure_logging(settings: LoggerSettings) -> None:
     """Send every log line to stderr at `settings.level`, as text or JSON lines."""
     logger.remove()
-    logger.configure(patcher=_trace_ids)
+    logger.configure(patcher=_patch)
     if settings.format == "json":
         logger.add(sys.stderr, level=settings.level, serialize=True)
     else:
         logger.add(sys.stderr, level=settings.level, format=TEXT_FORMAT, colorize=None)
     logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)
+    grpc_logger = logging.getLogger(GRPC_LOGGER)
+    if _reply_not_sent not in grpc_logger.filters:
+        grpc_logger.addFilter(_reply_not_sent)
+
+
+@dataclass
+class _Repeats:
+    level: str
+    since: float  # when the last line of this kind was written
+    count: int = 0  # occurrences since then, not written
+    last: tuple[str, tuple[object, ...]] = ("", ())
+
+
+class ThrottledLog:
+    """Log lines of a repeating kind: the first at once, then at most one per `interval`.
+
+    An occurrence within `interval` of the kind's last written line is only counted; one
+    line per interval then says how many there were, with the text of the last (`... (N
+    times in the last 10 s)`). A kind quiet for a whole interval starts afresh: its next
+    occurrence is written at once. `flush()` writes the counts that are due — the owner
+    calls it at least once per interval — and `flush(everything=True)` all of them, at
+    shutdown. Messages are formatted only when written.
+    """
+
+    def __init__(
+        self, interval: float = SUMMARY_INTERVAL_S, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._kinds: dict[str, _Repeats] = {}
+
+    def log(self, level: str, kind: str, message: str, *args: object) -> None:
+        now = self._clock()
+        repeats = self._kinds.get(kind)
+        if repeats is None or (not repeats.count and now - repeats.since >= self.interval):
+            self._kinds[kind] = _Repeats(level, now)
+            logger.opt(depth=1).log(level, message, *args)
+            return
+        repeats.count += 1
+        repeats.last = (message, args)
+        if now - repeats.since >= self.interval:
+            self._summarise(repeats, now)
+
+    def flush(self, *, everything: bool = False) -> None:
+        now = self._clock()
+        for kind, repeats in list(self._kinds.items()):
+            if repeats.count and (everything or now - repeats.since >= self.interval):
+                self._summarise(repeats, now)
+            elif not repeats.count and now - repeats.since >= self.interval:
+                del self._kinds[kind]
+
+    def _summarise(self, repeats: _Repeats, now: float) -> None:
+        message, args = repeats.last
+        times = f"{repeats.count} time{'s' if repeats.count > 1 else ''}"
+        logger.log(
+            repeats.level,
+            f"{message} ({times} in the last {round(now - repeats.since, 1):g} s)",
+            *args,
+        )
+        repeats.since, repeats.count, repeats.last = now, 0, ("", ())

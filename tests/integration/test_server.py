@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from loguru import logger
 
 from quorum_quest._rpc import SERVICE_NAME, LeaderElectionStub, pb
 from quorum_quest.errors import StoreContended
 from quorum_quest.server import LockServer, running_server
+from quorum_quest.stores.base import LockKey
+from quorum_quest.telemetry.logging import SUMMARY_INTERVAL_S
 from quorum_quest.telemetry.telemetry import ERROR
 from tests.backends.redis import RedisProcess
 from tests.conftest import make_settings
@@ -28,6 +34,17 @@ async def channel(address: str):
 @pytest.fixture
 def stub(channel: grpc.aio.Channel) -> LeaderElectionStub:
     return LeaderElectionStub(channel)
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Every line the service logs during the test, as `LEVEL message`, DEBUG and up."""
+    lines: list[str] = []
+    sink = logger.add(
+        lambda line: lines.append(line.rstrip("\n")), level="DEBUG", format="{level} {message}"
+    )
+    yield lines
+    logger.remove(sink)
 
 
 def acquire_request(client_id: str = "alice", **fields: object) -> pb.TryAcquireLockRequest:
@@ -112,6 +129,54 @@ async def test_bad_acquire_is_invalid_argument_naming_the_field(
     assert caught.value.details().startswith(f"{field}: ")
 
 
+CONTROL_CHARACTERS = ["x\nINFO fake log line", "a\rb", "a\x00b", "\x1b[31m", "a\x7f"]
+CONTROL_CHARACTERS += ["a\x85b", "a\u2028b", "a\tb"]  # C1 next line, line separator, tab
+
+
+async def test_names_with_control_characters_are_invalid_argument_naming_the_field(
+    stub: LeaderElectionStub,
+) -> None:
+    for field in ("service", "domain", "client_id"):
+        for value in CONTROL_CHARACTERS:
+            names = {"service": "svc", "domain": uuid.uuid4().hex, "client_id": "alice"}
+            request = pb.TryAcquireLockRequest(**{**names, field: value})
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.try_acquire_lock(request)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, value)
+            details = caught.value.details() or ""
+            assert details.startswith(f"{field}: must not contain control characters"), details
+
+
+async def test_whitespace_only_names_are_invalid_argument(stub: LeaderElectionStub) -> None:
+    for value in (" ", "\t", "   ", "\u3000"):
+        lock = {"service": "svc", "domain": value}
+        for call in (
+            stub.try_acquire_lock(pb.TryAcquireLockRequest(client_id="alice", **lock)),
+            stub.keep_alive(pb.KeepAliveRequest(client_id="alice", **lock)),
+            stub.release_lock(pb.ReleaseLockRequest(client_id="alice", **lock)),
+            stub.get_leader(pb.GetLeaderRequest(**lock)),
+            stub.keep_alive_many(
+                pb.KeepAliveManyRequest(client_id="a", locks=[pb.LockRef(**lock)])
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "domain: must not be only whitespace" in (caught.value.details() or "")
+
+
+async def test_names_with_spaces_and_letters_of_any_script_are_accepted(
+    stub: LeaderElectionStub,
+) -> None:
+    for service, domain, client_id in [
+        ("billing service", " leading and trailing ", "worker 7"),
+        ("é-ü/日本", "no\u00a0break", "zero\u200bwidth"),
+    ]:
+        request = pb.TryAcquireLockRequest(service=service, domain=domain, client_id=client_id)
+        granted = await stub.try_acquire_lock(request)
+        assert granted.is_leader and granted.leader_id == client_id
+
+
 async def test_names_of_exactly_256_bytes_are_accepted(stub: LeaderElectionStub) -> None:
     granted = await stub.try_acquire_lock(
         acquire_request("c" * 256, service="s" * 256, domain="é" * 128)
@@ -182,6 +247,61 @@ async def test_backend_outage_is_unavailable_and_health_not_serving() -> None:
                 redis_process.start()
                 await _wait_for_health(health, health_pb2.HealthCheckResponse.SERVING)
                 assert (await stub.try_acquire_lock(acquire_request())).is_leader
+
+
+@pytest.mark.redis
+async def test_a_store_outage_logs_its_first_failure_then_a_count(log_lines: list[str]) -> None:
+    """Every call fails while Redis is down: one line at once, then counts, not a line each."""
+    calls = 100
+    started = time.monotonic()
+    with RedisProcess() as redis_process:
+        settings = make_settings("redis", {"url": redis_process.url, "timeout": 0.5})
+        async with running_server(settings) as server:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+                stub = LeaderElectionStub(chan)
+                assert (await stub.try_acquire_lock(acquire_request())).is_leader
+                redis_process.stop()
+                for _ in range(calls):
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await stub.try_acquire_lock(acquire_request())
+                    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    elapsed = time.monotonic() - started
+    failed = [line for line in log_lines if "store call failed" in line]
+    assert failed[0].startswith("WARNING store call failed: redis store unavailable")
+    assert len(failed) <= 2 + elapsed / SUMMARY_INTERVAL_S, failed
+    # None is lost: a line written in full stands for one failure, a summary for its count.
+    counts = [re.search(r"\((\d+) times? in the last [\d.]+ s\)$", line) for line in failed]
+    assert sum(int(count.group(1)) if count else 1 for count in counts) == calls, failed
+
+
+async def test_grants_and_releases_log_at_debug_and_a_lost_lock_at_info(
+    log_lines: list[str],
+) -> None:
+    async with running_server(make_settings("memory", {})) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = LeaderElectionStub(channel)
+            released = acquire_request("carol")
+            assert (await stub.try_acquire_lock(released)).is_leader
+            lock = {"service": released.service, "domain": released.domain}
+            assert (
+                await stub.release_lock(pb.ReleaseLockRequest(client_id="carol", **lock))
+            ).released
+            lost = acquire_request("alice", ttl=30)
+            assert (await stub.try_acquire_lock(lost)).is_leader
+            # The store forgets alice's lease while this instance still counts it live,
+            # as after a store failover.
+            key = LockKey(lost.service, lost.domain)
+            assert await server.runtime.current.store.release(key, "alice", 0)
+            lock = {"service": lost.service, "domain": lost.domain}
+            refused = await stub.keep_alive(pb.KeepAliveRequest(client_id="alice", **lock))
+            assert refused.lease_length == timedelta(seconds=-1)
+    levels: dict[str, list[str]] = {}  # the levels of each kind of line, in order
+    for line in log_lines:
+        level, message = line.split(" ", 1)
+        levels.setdefault(message.split(":", 1)[0], []).append(level)
+    assert levels["lock acquired"] == ["DEBUG"] * 2
+    assert levels["lock released"] == ["DEBUG"]
+    assert levels["lock lost"] == ["INFO"]
 
 
 async def _wait_for_health(health: health_pb2_grpc.HealthStub, status: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import logging
 import math
 import random
 import time
@@ -17,18 +19,36 @@ from typing import Any
 import anyio
 import grpc
 from anyio.abc import TaskGroup, TaskStatus
-from loguru import logger
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-from quorum_quest._rpc import LeaderElectionStub, wire
+from quorum_quest._rpc import SERVICE_NAME, LeaderElectionStub, wire
 from quorum_quest.client.lease import EXPIRED, RELEASED, Lease, LeaseKeeper, keep_alive
 from quorum_quest.errors import InvalidArgument, LeadershipLost, ServiceUnavailable
+
+# A library inside other programs: silent unless the application configures logging.
+logger = logging.getLogger("quorum_quest.client")
+logger.addHandler(logging.NullHandler())
 
 # Like the clients generated from the original contract: ping every 10 s, also idle.
 CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+)
+# Renewals wait for the channel to (re)connect, within their deadline, instead of
+# failing at once while it is down: a renewal reaches a restarted service as it is back.
+RENEWALS_WAIT_FOR_READY = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": SERVICE_NAME, "method": "KeepAlive"},
+                    {"service": SERVICE_NAME, "method": "KeepAliveMany"},
+                ],
+                "waitForReady": True,
+            }
+        ]
+    }
 )
 
 LeaseCallback = Callable[[Lease], "Awaitable[None] | None"]
@@ -56,6 +76,31 @@ class Callbacks:
 
 def _seconds(value: float | timedelta) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def _channel_options(ttl: float) -> tuple[tuple[str, int | str], ...]:
+    """Options of a channel renewing leases of `ttl` seconds.
+
+    gRPC's default reconnect backoff (1 s, then 1.6 times longer per failed attempt, up
+    to 120 s) can leave a channel refusing every call for seconds after a restarted
+    service is back: long enough to lose a lease to a restart of a second or two. Here a
+    channel tries to reconnect every tenth of a lease (between 0.1 and 1 s).
+    (`grpc.min_reconnect_backoff_ms` is no backoff but the time one connection attempt
+    may take, 20 s by default: it stays, as a slow handshake is no reason to give up.)
+    """
+    backoff_ms = min(1_000, max(100, round(ttl * 100)))
+    return (
+        *CHANNEL_OPTIONS,
+        ("grpc.initial_reconnect_backoff_ms", backoff_ms),
+        ("grpc.max_reconnect_backoff_ms", backoff_ms),
+        ("grpc.service_config", RENEWALS_WAIT_FOR_READY),
+    )
+
+
+def _cancelled_from_outside(task: asyncio.Task[Any], cancelling_before: int) -> bool:
+    """Whether `task` has been cancelled from outside since it was cancelled
+    `cancelling_before` times: by `Task.cancel()` or by a cancel scope around it."""
+    return task.cancelling() > cancelling_before or anyio.current_effective_deadline() == -math.inf
 
 
 def _tracing_configured() -> bool:
@@ -152,6 +197,9 @@ class QuorumQuestClient:
         self._lease: Lease | None = None
         self._holder_hint = 0.0  # seconds left of the holder's lease, as last answered
         self._service_waited = False  # whether the service waited before its last refusal
+        # Whether the last acquire of this client's lock got no answer: it may have
+        # been granted all the same.
+        self._grant_in_doubt = False
         # (service, domain) -> token of a lease whose release got no answer
         self._abandoned: dict[tuple[str, str], int] = {}
         self._keep_alive_task: asyncio.Task[None] | None = None
@@ -168,7 +216,9 @@ class QuorumQuestClient:
             # every call a task and ~30-70 us of CPU to record nothing.
             interceptors = aio_client_interceptors() if _tracing_configured() else None
             self._channel = grpc.aio.insecure_channel(
-                self.address, options=CHANNEL_OPTIONS, interceptors=interceptors
+                self.address,
+                options=_channel_options(self.ttl),
+                interceptors=interceptors,
             )
             self._stub = LeaderElectionStub(self._channel, wire)
         return self._stub
@@ -193,7 +243,7 @@ class QuorumQuestClient:
                 await self.release_lock()
             except (ServiceUnavailable, InvalidArgument) as exc:
                 logger.warning(
-                    "could not release {}/{} on close: {}", self.service, self.domain, exc
+                    "could not release %s/%s on close: %s", self.service, self.domain, exc
                 )
         if self._channel is not None:
             await self._channel.close()
@@ -224,18 +274,29 @@ class QuorumQuestClient:
                 await result
         except Exception:
             logger.exception(
-                "leadership callback {} failed", getattr(callback, "__name__", callback)
+                "leadership callback %s failed", getattr(callback, "__name__", callback)
             )
 
     # -- the Go client's calls ----------------------------------------------------
 
     async def try_acquire_lock(self) -> bool:
         """Acquire the lock if free (or refresh ours); True when this client leads."""
-        return await self._try_acquire(0.0)
+        held = self._lease
+        if not await self._try_acquire(0.0):
+            return False
+        lease = self._lease
+        assert lease is not None
+        if lease is not held:
+            await self._notify(self.callbacks.on_leader_elected, lease)
+        return True
 
     async def _try_acquire(self, wait: float) -> bool:
-        """`try_acquire_lock`, letting the service wait up to `wait` s for a release."""
+        """Acquire the lock if free (or refresh ours), letting the service wait up to
+        `wait` s for a release; True when this client leads (a new grant is a new
+        `self._lease`)."""
+        self._grant_in_doubt = True  # until the answer is in
         response, sent_at = await self._grant(self.service, self.domain, wait)
+        self._grant_in_doubt = False
         if not response.is_leader:
             await self._drop_lease("another client holds the lock")
             self._holder_hint = _duration_s(response.lease_length)
@@ -250,9 +311,13 @@ class QuorumQuestClient:
         ):
             lease._renewed(sent_at, granted, self.safety_margin, response.fencing_token)
             return True
-        await self._drop_lease("replaced by a new grant")
+        # The new lease is recorded before anything is awaited, so that a caller
+        # cancelled from here on gives it back (`_give_back`).
+        replaced = self._lease
         self._lease = self._new_lease(self.service, self.domain, response, sent_at)
-        await self._notify(self.callbacks.on_leader_elected, self._lease)
+        if replaced is not None:
+            replaced._end("replaced by a new grant")
+            await self._notify(self.callbacks.on_leader_lost, replaced)
         return True
 
     def _new_lease(self, service: str, domain: str, response: Any, sent_at: float) -> Lease:
@@ -286,7 +351,7 @@ class QuorumQuestClient:
             # The answer came too late to act on (this process was paused, or the call
             # was slow): give the lease back at once instead of blocking the lock unused.
             logger.warning(
-                "grant of {}/{} arrived after its lease ended; releasing it", service, domain
+                "grant of %s/%s arrived after its lease ended; releasing it", service, domain
             )
             try:
                 await self._release(service, domain, response.fencing_token)
@@ -371,7 +436,7 @@ class QuorumQuestClient:
 
         async def run() -> None:
             reason = await self._keep_until_lost(lease)
-            logger.warning("lost {}/{}: {}", self.service, self.domain, reason)
+            logger.warning("lost %s/%s: %s", self.service, self.domain, reason)
             if self._lease is lease:
                 await self._drop_lease(reason)
 
@@ -392,20 +457,22 @@ class QuorumQuestClient:
         self.stop_keep_alive()
         lease = self._lease
         try:
-            released = await self._release_lease(self.service, self.domain, lease)
+            token = lease.fencing_token if lease is not None else 0
+            released = await self._release_lease(self.service, self.domain, token)
         finally:
             await self._drop_lease(RELEASED)
         return released
 
-    async def _release_lease(self, service: str, domain: str, lease: Lease | None) -> bool:
-        """Release (service, domain); remember `lease` as abandoned if that got no answer."""
+    async def _release_lease(self, service: str, domain: str, token: int) -> bool:
+        """Release the lease with fencing token `token` (> 0; 0: any lease of this client)
+        on (service, domain); remember it as abandoned if that got no answer."""
         try:
-            released = await self._release(service, domain, lease.fencing_token if lease else 0)
+            released = await self._release(service, domain, token)
         except (ServiceUnavailable, InvalidArgument):
-            if lease is not None:
-                self._abandoned[service, domain] = lease.fencing_token
+            if token:
+                self._abandoned[service, domain] = token
             raise
-        if lease is not None and self._abandoned.get((service, domain)) == lease.fencing_token:
+        if token and self._abandoned.get((service, domain)) == token:
             del self._abandoned[service, domain]
         return released
 
@@ -429,36 +496,86 @@ class QuorumQuestClient:
     # -- leadership -----------------------------------------------------------------
 
     async def wait_for_leadership(self, timeout: float | None = None) -> Lease:
-        """Try to acquire until this client leads; `TimeoutError` after `timeout` seconds."""
+        """Try to acquire until this client leads, call `on_leader_elected`, return the lease.
+
+        Raises `TimeoutError` after `timeout` seconds, the callback included. A grant this
+        call does not hand to its caller (the timeout or a cancellation struck while the
+        acquire was answered or the callback ran) is released, best effort, rather than
+        left to block the lock for a whole ttl.
+        """
+        held = self._lease  # a lease held before this call stays the caller's
+        try:
+            with anyio.fail_after(timeout):
+                lease = await self._acquire_until_leading()
+                if lease is not held:
+                    await self._notify(self.callbacks.on_leader_elected, lease)
+        except BaseException:
+            await self._give_back(held)
+            raise
+        return lease
+
+    async def _acquire_until_leading(self) -> Lease:
+        """Try to acquire (with backoff and jitter) until this client leads; its lease."""
         delay = 0.05
-        with anyio.fail_after(timeout):
-            while True:
-                try:
-                    # The service answers as soon as the lock is released or its
-                    # holder's lease ends, or after WAIT_FOR_RELEASE_S.
-                    if await self._try_acquire(WAIT_FOR_RELEASE_S):
-                        assert self._lease is not None
-                        return self._lease
-                    # Poll faster as the holder's lease nears its end, never busier than 50 ms.
-                    hint = self._holder_hint or delay
-                    pause = 0.0 if self._service_waited else max(0.05, min(delay, hint))
-                except ServiceUnavailable as exc:
-                    logger.warning("waiting for {}/{}: {}", self.service, self.domain, exc)
-                    pause = delay
-                await anyio.sleep(pause * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, max(0.05, self.keep_alive_interval))
+        while True:
+            try:
+                # The service answers as soon as the lock is released or its
+                # holder's lease ends, or after WAIT_FOR_RELEASE_S.
+                if await self._try_acquire(WAIT_FOR_RELEASE_S):
+                    assert self._lease is not None
+                    return self._lease
+                # Poll faster as the holder's lease nears its end, never busier than 50 ms.
+                hint = self._holder_hint or delay
+                pause = 0.0 if self._service_waited else max(0.05, min(delay, hint))
+            except ServiceUnavailable as exc:
+                logger.warning("waiting for %s/%s: %s", self.service, self.domain, exc)
+                pause = delay
+            await anyio.sleep(pause * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, max(0.05, self.keep_alive_interval))
+
+    async def _give_back(self, held: Lease | None) -> None:
+        """Release what a wait for leadership that ends without handing over a lease may
+        have been granted: the lease it made, or, when its last acquire got no answer,
+        whatever lease the service says this client holds. `held` (a lease from before
+        the wait) is kept. Best effort: a failure is logged."""
+        with anyio.CancelScope(shield=True):
+            try:
+                if self._lease is not None:
+                    if self._lease is not held:
+                        await self.release_lock()
+                elif self._grant_in_doubt:
+                    leader = await self.get_leader()
+                    if leader is not None and leader[0] == self.client_id:
+                        await self._release_lease(self.service, self.domain, leader[1])
+            except (ServiceUnavailable, InvalidArgument) as exc:
+                logger.warning(
+                    "could not release the grant of %s/%s: %s", self.service, self.domain, exc
+                )
 
     @asynccontextmanager
     async def leadership(self, timeout: float | None = None) -> AsyncIterator[Lease]:
         """Lead for the duration of the block.
 
         Waits (with backoff and jitter) until this client holds the lock, or raises
-        `TimeoutError` after `timeout` seconds. The lease is kept alive in the
-        background; if it cannot be renewed before it would expire, the body is
-        cancelled and `LeadershipLost` is raised. The lock is released on exit.
+        `TimeoutError` after `timeout` seconds. From the grant on, the lease is kept
+        alive in the background, while `on_leader_elected` runs too, and the body starts
+        only on a lease that is still valid. If the lease cannot be renewed before it
+        would expire, the callback or the body is cancelled and `LeadershipLost` is
+        raised, whatever it awaited (a gRPC call included); a cancellation from outside
+        stays a cancellation. The lock is released on exit, and so is a grant that a
+        timeout or a cancellation kept from reaching the body.
         """
-        lease = await self.wait_for_leadership(timeout)
+        held = self._lease
+        try:
+            with anyio.fail_after(timeout):
+                lease = await self._acquire_until_leading()
+        except BaseException:
+            await self._give_back(held)
+            raise
         self.stop_keep_alive()
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
         lost: LeadershipLost | None = None
         try:
             async with anyio.create_task_group() as guard:
@@ -471,9 +588,21 @@ class QuorumQuestClient:
 
                 guard.start_soon(keep)
                 try:
-                    yield lease
+                    if lease is not held:
+                        await self._notify(self.callbacks.on_leader_elected, lease)
+                    if lease.is_valid:
+                        yield lease
+                    else:  # ran out before the keep-alive noticed: never enter the body
+                        reason = lease.end_reason or EXPIRED
+                        lost = LeadershipLost(f"lost {self.service}/{self.domain}: {reason}")
                 finally:
                     guard.cancel_scope.cancel()
+        except asyncio.CancelledError:
+            # A gRPC call cancelled by the keep-alive's cancel scope raises grpc's own
+            # CancelledError, which anyio does not recognise as the scope's: the loss
+            # all the same, unless the caller was cancelled from outside too.
+            if lost is None or _cancelled_from_outside(task, cancelling):
+                raise
         finally:
             with anyio.CancelScope(shield=True):
                 if lost is None:
@@ -481,10 +610,10 @@ class QuorumQuestClient:
                         await self.release_lock()
                     except (ServiceUnavailable, InvalidArgument) as exc:
                         logger.warning(
-                            "could not release {}/{}: {}", self.service, self.domain, exc
+                            "could not release %s/%s: %s", self.service, self.domain, exc
                         )
                 elif self._lease is lease:
-                    await self._drop_lease(lease.end_reason or "lost")
+                    await self._drop_lease(lease.end_reason or EXPIRED)
         if lost is not None:
             raise lost
 
@@ -612,7 +741,7 @@ class LeaseSet:
         if failed:
             (service, domain), error = failed[0]
             logger.warning(
-                "could not try {} of {} locks (e.g. {}/{}): {}",
+                "could not try %s of %s locks (e.g. %s/%s): %s",
                 len(failed),
                 len(missing),
                 service,
@@ -629,7 +758,7 @@ class LeaseSet:
             return False
         self._keeper.discard(lease)
         try:
-            return await self._client._release_lease(*name, lease)
+            return await self._client._release_lease(*name, lease.fencing_token)
         finally:
             self._end(lease, RELEASED)
 
@@ -657,7 +786,7 @@ class LeaseSet:
         lost, self._unreported = self._unreported, []
         first = lost[0]
         logger.warning(
-            "lost {} lock(s), e.g. {}/{}: {}",
+            "lost %s lock(s), e.g. %s/%s: %s",
             len(lost),
             first.service,
             first.domain,
@@ -682,7 +811,9 @@ class LeaseSet:
         async def release(lease: Lease) -> None:
             async with calls:
                 try:
-                    await self._client._release_lease(lease.service, lease.domain, lease)
+                    await self._client._release_lease(
+                        lease.service, lease.domain, lease.fencing_token
+                    )
                 except (ServiceUnavailable, InvalidArgument) as exc:
                     failures.append(exc)
             self._end(lease, RELEASED)
@@ -692,5 +823,5 @@ class LeaseSet:
                 releases.start_soon(release, lease)
         if failures:
             logger.warning(
-                "could not release {} of {} locks: {}", len(failures), len(held), failures[0]
+                "could not release %s of %s locks: %s", len(failures), len(held), failures[0]
             )

@@ -5,7 +5,8 @@ Item layout (table with the single string partition key `pk`, no sort key):
     pk          "lock:" + quote(service) + ":" + quote(domain)
     holder      S   client_id of the holder; absent while the lock is free
     expires_at  N   end of the lease, Unix epoch milliseconds; absent while free
-    token       N   the lock's fencing counter; only ever grows, never removed
+    token       N   the lock's fencing counter; only ever grows
+    purge_at    N   epoch seconds from which DynamoDB's TTL may delete the item (see below)
 
 service and domain are percent-encoded (every byte but [A-Za-z0-9_.~-]), so ':' never
 occurs inside either part and two different pairs can never share a `pk`.
@@ -13,11 +14,11 @@ occurs inside either part and two different pairs can never share a `pk`.
 The writes (each a single `UpdateItem`; a failed `ConditionExpression` is the normal "no"):
 
     grant    SET holder = :client, expires_at = :expires,
-                 token = if_not_exists(token, :seed) + :one
+                 token = if_not_exists(token, :seed) + :one, purge_at = :purge
              IF attribute_exists(token) AND (attribute_not_exists(holder)
                 OR expires_at <= :stale OR (holder = :client AND expires_at <= :now))
     first    the grant without `attribute_exists(token) AND`
-    extend   SET expires_at = :expires
+    extend   SET expires_at = :expires, purge_at = :purge
              IF holder = :client AND expires_at > :now AND expires_at < :expires
              (refused, but the caller's lease already ends at :expires or later: renewed)
     release  REMOVE holder, expires_at
@@ -41,17 +42,41 @@ whose clock runs ahead by less than the margin cannot take over a lease that its
 instance still keeps alive. A holder's own lease (keep-alive, release, re-acquire) is
 judged without the margin.
 
-Tokens and TTL: the token is advanced in the very write that grants the lock, so a token
-is never issued twice and grows by one per grant. A lock's first grant seeds the counter
-with this instance's clock in microseconds, so that should the item ever be lost (a table
-recreated), the new counter still starts above every token issued before. Release
-REMOVEs the holder attributes and leaves the item (and its counter) in place, and no lock
-item ever carries the TTL attribute: DynamoDB's native TTL deletes whole items and would
-take the counter with it (docs/backends/dynamodb.md says what letting idle items expire
-would take). An expired lease needs no deletion either, since the conditions compare
-`expires_at` with the clock. Native TTL is enabled on the dedicated attribute `purge_at`
-(epoch seconds) for the store's own short-lived items: the write probe (`pk`
-"probe:write") that `start()` writes to prove the table accepts writes.
+Tokens: the token is advanced in the very write that grants the lock, so a token is never
+issued twice and grows by one per grant. A lock's first grant (no item) seeds the counter
+with this instance's clock in microseconds (`:seed`). One grant per microsecond is far
+beyond what conditional writes on one item can do, so a lock's tokens stay below the
+clock of the instance that seeded them (while clocks are not set back). Release REMOVEs
+the holder attributes and keeps the item; an expired lease needs no write at all, since
+the conditions compare `expires_at` with the clock.
+
+Idle items expire. DynamoDB's native TTL (enabled on `purge_at`) deletes the item of a
+lock nobody used for `idle_retention` seconds, so a workload of ever new lock names does
+not fill the table. Every write that grants or extends a lease sets
+
+    purge_at = ceil((expires_at + clock_skew_margin) / 1 s) + idle_retention
+
+and nothing else writes it (release leaves the value of the lease it ends; a refused write
+writes nothing; the state marker never has it). Hence:
+
+- TTL never deletes a live lease: TTL deletes only items whose `purge_at` has passed on
+  AWS's clock, and no instance considers a lease live past `expires_at` plus the margin,
+  so `idle_retention` is the slack for AWS's clock running ahead of the instances'. An item
+  that is past its `purge_at` but not deleted yet (DynamoDB deletes up to ~2 days late)
+  can still be granted: "successful updates to change or remove the expiration attribute
+  are honored" (DynamoDB developer guide, TTL), so the grant's new `purge_at` keeps it.
+- Tokens still rise after a deletion: the next grant is a first grant, seeded with the
+  clock of the instance that makes it. The deleted counter was below the clock of the
+  instance that seeded it, at the item's last grant, and every write to the item came at
+  least `idle_retention` before its `purge_at` (a release comes before the lease's end),
+  which is before the deletion on AWS's clock. So the new seed is larger unless the
+  instances' clocks (and AWS's) are apart by more than `idle_retention`: a retention of
+  a day (the default) leaves that to gross clock errors only, and tokens across a lost
+  table already rested on the clocks.
+
+Native TTL also removes the store's own write probe (`pk` "probe:write", a day ahead).
+Without TTL on `purge_at` (dynalite; a table made without it) nothing is deleted: locks
+work the same, and idle items stay.
 
 State loss. The table holds one more item that is not a lock, the state marker
 (`pk` "state:marker", which no "lock:" key can be): `grace_until` (wall-clock ms until
@@ -116,7 +141,7 @@ KEY = "pk"
 HOLDER = "holder"
 EXPIRES_AT = "expires_at"
 TOKEN = "token"
-PURGE_AT = "purge_at"  # the table's native TTL attribute, never on a lock item
+PURGE_AT = "purge_at"  # the table's native TTL attribute: lock items and the probe
 WRITE_PROBE_KEY = "probe:write"
 STATE_MARKER_KEY = "state:marker"
 GRACE_UNTIL = "grace_until"
@@ -124,14 +149,19 @@ CREATED_AT = "created_at"
 CREATED_BY = "created_by"
 
 _NAMES = {"#holder": HOLDER, "#expires": EXPIRES_AT, "#token": TOKEN}
-_GRANT = "SET #holder = :client, #expires = :expires, #token = if_not_exists(#token, :seed) + :one"
+# A write that grants or extends a lease names `purge_at` too (see `_purge_at`).
+_LEASE_NAMES = {**_NAMES, "#purge": PURGE_AT}
+_GRANT = (
+    "SET #holder = :client, #expires = :expires,"
+    " #token = if_not_exists(#token, :seed) + :one, #purge = :purge"
+)
 _FIRST_GRANT_IF = (
     "attribute_not_exists(#holder) OR #expires <= :stale"
     " OR (#holder = :client AND #expires <= :now)"
 )
 # Only an existing lock item: a missing one goes through the state marker check first.
 _GRANT_IF = f"attribute_exists(#token) AND ({_FIRST_GRANT_IF})"
-_EXTEND = "SET #expires = :expires"
+_EXTEND = "SET #expires = :expires, #purge = :purge"
 # A renewal never moves a lease's end back: one delivered late (its :now is old) must
 # not undo a later one. Refused, the item may show the lease already reaching as far.
 _EXTEND_IF = "#holder = :client AND #expires > :now AND #expires < :expires"
@@ -139,6 +169,8 @@ _RELEASE = "REMOVE #holder, #expires"
 _RELEASE_IF = "#holder = :client AND #expires > :now"
 
 _WRITE_PROBE_TTL_S = 24 * 3600
+# idle_retention's upper bound, seconds: a year is more than any clock error.
+MAX_IDLE_RETENTION_S = 365 * 24 * 3600
 _TABLE_ACTIVE_TIMEOUT_S = 300.0  # how long start() waits for a new table to become ACTIVE
 _ACQUIRE_ROUNDS = 3  # grant/extend rounds when the lock changes hands between them
 _BACKOFF_BASE_S = 0.025
@@ -229,7 +261,7 @@ class DynamoSettings(StoreSettings):
     profile: str = Field(default="", description="a profile of the shared AWS config files")
     create_table: bool = Field(
         default=True,
-        description="create a missing table (on-demand) and enable TTL on its probe items",
+        description="create a missing table (on-demand) and enable TTL on `purge_at`",
     )
     clock_skew_margin: float = Field(
         default=1.0,
@@ -238,6 +270,13 @@ class DynamoSettings(StoreSettings):
     )
     timeout: float = Field(
         default=2.0, gt=0, description="seconds per store call, retries included"
+    )
+    idle_retention: int = Field(
+        default=86_400,
+        gt=0,
+        le=MAX_IDLE_RETENTION_S,
+        description="seconds a lock's item outlives its last lease (plus the margin) before"
+        " TTL may delete it; covers clock errors up to that much",
     )
 
     @field_validator("endpoints")
@@ -268,6 +307,8 @@ class DynamoStore(LockStore):
     backend = "dynamodb"
     settings_model = DynamoSettings
     settings: DynamoSettings
+    # Any retention keeps every lease (see `_purge_at`): a reload takes it on in place.
+    policy_keys = LockStore.policy_keys | {"idle_retention"}
 
     def __init__(self, settings: DynamoSettings, *, grace_ms: int = 0) -> None:
         super().__init__(settings, grace_ms=grace_ms)
@@ -541,8 +582,8 @@ class DynamoStore(LockStore):
         if current.get("TimeToLiveStatus") in ("ENABLED", "ENABLING"):
             if current.get("AttributeName") != PURGE_AT:
                 logger.warning(
-                    "dynamodb: table {} has TTL on {!r}, not {!r}: its probe item is not"
-                    " cleaned up by TTL",
+                    "dynamodb: table {} has TTL on {!r}, not {!r}: items of idle locks and"
+                    " the probe item are not deleted by TTL",
                     table,
                     current.get("AttributeName"),
                     PURGE_AT,
@@ -556,9 +597,12 @@ class DynamoStore(LockStore):
                 TimeToLiveSpecification={"Enabled": True, "AttributeName": PURGE_AT},
             )
         except ClientError:
-            # DynamoDB has the operation; an implementation without it (dynalite) can
-            # still serve locks, since lock items never depend on TTL.
-            logger.warning("dynamodb: {} does not support TTL; probe items stay", self._where)
+            # DynamoDB has the operation; an implementation without it (dynalite) still
+            # serves locks, which never depend on TTL deleting an item.
+            logger.warning(
+                "dynamodb: {} does not support TTL; items of idle locks and the probe item stay",
+                self._where,
+            )
 
     async def _write_probe(self) -> None:
         """One write that proves the table exists and accepts our writes; TTL removes it."""
@@ -630,11 +674,13 @@ class DynamoStore(LockStore):
                 {
                     ":client": {"S": client_id},
                     ":expires": {"N": str(now + ttl_ms)},
+                    ":purge": {"N": str(self._purge_at(now + ttl_ms))},
                     ":now": {"N": str(now)},
                     ":stale": {"N": str(now - self._margin_ms)},
                     ":one": {"N": "1"},
-                    ":seed": {"N": str(time.time_ns() // 1000)},
+                    ":seed": {"N": str(_now_us())},
                 },
+                names=_LEASE_NAMES,
                 old_on_failure=True,
             )
             if granted:
@@ -667,6 +713,12 @@ class DynamoStore(LockStore):
             " rounds of grant and extend; nothing was granted: call again",
         )
 
+    def _purge_at(self, expires_ms: int) -> int:
+        """The `purge_at` of an item whose lease ends at `expires_ms`: not before any
+        instance may take the lease over (its end plus `clock_skew_margin`, rounded up to
+        TTL's whole seconds), and `idle_retention` after that (see the module docstring)."""
+        return -(-(expires_ms + self._margin_ms) // 1000) + self.settings.idle_retention
+
     async def _extend(self, pk: str, client_id: str, ttl_ms: int, deadline: float) -> Renewal:
         now = _now_ms()
         ends = now + ttl_ms
@@ -678,9 +730,10 @@ class DynamoStore(LockStore):
             {
                 ":client": {"S": client_id},
                 ":expires": {"N": str(ends)},
+                ":purge": {"N": str(self._purge_at(ends))},
                 ":now": {"N": str(now)},
             },
-            names={"#holder": HOLDER, "#expires": EXPIRES_AT},
+            names={"#holder": HOLDER, "#expires": EXPIRES_AT, "#purge": PURGE_AT},
             old_on_failure=True,
         )
         if renewed:
@@ -741,6 +794,11 @@ class _Lease:
 def _now_ms() -> int:
     """This instance's wall clock: the only clock lease conditions can use (see above)."""
     return time.time_ns() // 1_000_000
+
+
+def _now_us() -> int:
+    """The same clock in microseconds: the floor of a lock's first token (see above)."""
+    return time.time_ns() // 1_000
 
 
 def _status(exc: ClientError) -> int:

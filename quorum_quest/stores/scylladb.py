@@ -7,7 +7,7 @@ One row per lock, in one partition of its own:
         domain        text,
         holder        text,     -- client_id of the holder; null while the lock is free
         expires_at    bigint,   -- end of the lease, Unix epoch milliseconds; null while free
-        fencing_token bigint,   -- the last token issued for this lock; never removed
+        fencing_token bigint,   -- the last token issued for this lock
         PRIMARY KEY ((service, domain)))
 
 service and domain are two key columns, so no two pairs can collide. Every write is a
@@ -17,39 +17,70 @@ current values of the row. Each decision is taken by the server on the row as it
 that moment; no write ever depends on an earlier plain read:
 
     read     SELECT holder, expires_at, fencing_token at `serial_consistency`
-    create   INSERT (service, domain, holder, expires_at, fencing_token) IF NOT EXISTS
-    take     UPDATE SET holder, expires_at, fencing_token
+    take     UPDATE USING TTL <cells> SET holder, expires_at, fencing_token
              IF holder = <seen> AND expires_at = <seen> AND fencing_token = <seen>
-    refresh  UPDATE SET expires_at
-             IF holder = <me> AND fencing_token = <seen> AND expires_at > <now>
-    extend   UPDATE SET expires_at IF holder = <me> AND expires_at > <now>
+    renew    UPDATE USING TTL <cells> SET holder, expires_at = <end>, fencing_token
+             IF holder = <me> AND fencing_token = <token> AND <now> < expires_at < <end>
     release  DELETE holder, expires_at IF holder = <me> [AND fencing_token = <token>]
              AND expires_at > <now>
+    marker   INSERT (service, domain, holder, expires_at, fencing_token) IF NOT EXISTS
+             USING TTL 0 (the state marker only)
 
 `acquire` reads the row (a serial read is a Paxos round, as a refused LWT is). A live
-lease of someone else is a refusal; the caller's own live lease is refreshed (same
+lease of someone else is a refusal; the caller's own live lease is renewed (same
 token); a free or expired lock is taken with a compare-and-set on the exact row it saw,
-so a change in between (another grant, a refresh) fails the condition, whose answer is
+so a change in between (another grant, a renewal) fails the condition, whose answer is
 the new row to decide on again; an acquire whose every round lost so raises
-`StoreContended` (nothing was granted, and no holder is known to name). No row at all
-means the lock's first grant, or a table that lost its rows: the state marker is checked
-(below), then `create` grants the lock.
-`keep_alive` is `extend`; Cassandra answers an applied LWT with `[applied]` alone
-(ScyllaDB adds the old row), so the token is then read at the serial consistency.
-`release` is `release` (a token past `bigint` is no lease's: False, without a statement);
-`get_leader` reads at the serial consistency.
+`StoreContended` (nothing was granted, and no holder is known to name). A row without a
+token means the lock's first grant, a lock idle long enough for its row to expire, or a
+table that lost its rows: the state marker is checked (below), then `take` grants the
+lock on the empty row (a condition `= null` holds on a row that does not exist).
+`keep_alive` is `renew`, which needs the lease's token: the token this instance last
+granted or renewed for the caller, else a serial read first. A refusal that shows the
+caller holding the lock with another token (granted through another instance) renews
+that lease. `release` is `release` (a token past `bigint` is no lease's: False, without
+a statement); `get_leader` reads at the serial consistency.
 
 Why no CQL TTL holds the lease: TTLs count whole seconds, and a cell's expiry is judged on
 each replica's clock at second granularity, so a 1 s TTL can end after a few
 milliseconds. The lease end is therefore `expires_at`, in milliseconds, and it is judged
 on the service instance's wall clock (`<now>`), as in the DynamoDB store: instances
 sharing a table need synchronised clocks, and an instance takes over a foreign lease only
-`clock_skew_margin` after its end. The row, and with it `fencing_token`, is never deleted
-(release removes only the lease cells), so the counter survives expiry and release; rows
-of idle locks therefore stay (docs/backends/scylladb.md says what a TTL on them would
-take). A new token is `max(seen + 1, wall clock in microseconds)`: the compare-and-set on
-the seen token makes it larger than every token issued before, and the clock floor keeps
-tokens rising even if the table is dropped and created again.
+`clock_skew_margin` after its end.
+
+Tokens. A new token is `max(seen + 1, wall clock in microseconds)`: the compare-and-set on
+the seen token makes it larger than every token the row has issued, and the clock floor
+keeps tokens rising once the row is gone: after a lost table, and after an idle row
+expired (below). Release removes only the lease cells; `fencing_token` stays.
+
+Idle rows expire. The TTL is not the lease (see above), but it lets the row of a lock
+nobody uses go, so a workload of ever new lock names does not fill the table: `take` and
+`renew` write all three cells of the row with
+
+    USING TTL <cells> = ceil((lease + clock_skew_margin) / 1 s) + 1 s + idle_retention
+
+(0, no expiry, past CQL's 20-year maximum). They are the only writes to a lock's row
+besides `release`, which deletes cells and writes none, and they write no row marker
+(an UPDATE does not), so a row is gone once its cells expired, all at once. Hence:
+
+- A live lease never expires: every cell of its row was written with the lease, by the
+  grant or the last renewal, and lives until the lease's end plus the margin (after which
+  no instance counts the lease as held), plus `idle_retention` for the clocks of the
+  replicas, which judge TTLs, running ahead of the instances'; the extra second is TTL's
+  whole-second granularity (a cell may expire up to 1 s early). A renewal writes the
+  token again with the rest, lest it expire under a lease renewed past its grant's TTL
+  (and `acquire` refuses a live foreign lease even on a row without a token).
+- Tokens still rise after the row expired: the next grant takes the clock floor. Each
+  token the row held was at most the granting instance's clock in microseconds, unless
+  the token before was already larger (then one more), and the row's cells were last
+  written at least `idle_retention` before they expired. So the new token is larger
+  unless the clocks involved (instances', replicas') are apart by more than
+  `idle_retention`: a retention of a day (the default) leaves that to gross clock errors
+  only, and tokens across a lost table already rested on the clocks.
+- The state marker is written `USING TTL 0`: no expiry, also under a table's
+  `default_time_to_live`. Rows of earlier versions (an INSERT wrote a row marker without
+  TTL) lose their cells like any other but keep that marker: such a row reads as a row
+  without a token, which `take` grants on as on a missing row.
 
 State loss. The table holds one row that is not a lock, the state marker:
 service '' (the service refuses empty names, so no client can name this row) and domain
@@ -57,7 +88,7 @@ service '' (the service refuses empty names, so no client can name this row) and
 refused), `fencing_token` = when it was created (ms) and `holder` = the instance that
 created it. It shares the lock rows' fate: a truncated, dropped or recreated table, or
 replicas that lost their data, lose it too. `check_state()` reads it serially; when it is
-missing, it is created with `create` (`IF NOT EXISTS`: one instance wins and logs the
+missing, it is created with `marker` (`IF NOT EXISTS`: one instance wins and logs the
 loss) and grace_until = now + `grace_ms`. Every first grant of a lock checks it the same
 way first (first grants arriving together share one check), so a recreated table is
 caught by the first acquire. The grace period is cached as a monotonic deadline: while
@@ -123,21 +154,15 @@ CREATE TABLE IF NOT EXISTS {table} (
     PRIMARY KEY ((service, domain)))
 """
 _KEY = "WHERE service = ? AND domain = ?"
+# A write of a lease: all three cells, with one TTL (see `_cells_ttl_s`).
+_LEASE = "UPDATE {table} USING TTL ? SET holder = ?, expires_at = ?, fencing_token = ? " + _KEY
 # Every write is a conditional statement; `{table}` is the quoted "keyspace"."table".
 _STATEMENTS = {
-    "create": "INSERT INTO {table} (service, domain, holder, expires_at, fencing_token) "
-    "VALUES (?, ?, ?, ?, ?) IF NOT EXISTS",
-    "take": "UPDATE {table} SET holder = ?, expires_at = ?, fencing_token = ? "
-    + _KEY
-    + " IF holder = ? AND expires_at = ? AND fencing_token = ?",
+    # On a missing row the conditions see nulls: the first grant is a take of (null, ...).
+    "take": _LEASE + " IF holder = ? AND expires_at = ? AND fencing_token = ?",
     # A renewal never moves a lease's end back: one delivered late (its `now` is old)
     # must not undo a later one. Refused, it shows the row, which may already reach as far.
-    "refresh": "UPDATE {table} SET expires_at = ? "
-    + _KEY
-    + " IF holder = ? AND fencing_token = ? AND expires_at > ? AND expires_at < ?",
-    "extend": "UPDATE {table} SET expires_at = ? "
-    + _KEY
-    + " IF holder = ? AND expires_at > ? AND expires_at < ?",
+    "renew": _LEASE + " IF holder = ? AND fencing_token = ? AND expires_at > ? AND expires_at < ?",
     "release": "DELETE holder, expires_at FROM {table} "
     + _KEY
     + " IF holder = ? AND expires_at > ?",
@@ -146,7 +171,17 @@ _STATEMENTS = {
     + " IF holder = ? AND fencing_token = ? AND expires_at > ?",
     "read": "SELECT holder, expires_at, fencing_token FROM {table} " + _KEY,
     "ping": "SELECT release_version FROM system.local",
+    # The state marker never expires: TTL 0 also overrides a default_time_to_live.
+    "marker": "INSERT INTO {table} (service, domain, holder, expires_at, fencing_token) "
+    "VALUES (?, ?, ?, ?, ?) IF NOT EXISTS USING TTL 0",
 }
+# CQL refuses TTLs above 20 years; a lease that long gets no TTL at all.
+MAX_CQL_TTL_S = 630_720_000
+# idle_retention's upper bound, seconds: a year is more than any clock error, and keeps
+# expiry dates inside what Cassandra's 4.x storage format holds (2038-01-19) until 2037.
+MAX_IDLE_RETENTION_S = 365 * 24 * 3600
+# How many (lock, client) -> token hints an instance keeps for `keep_alive`.
+TOKEN_HINTS = 10_000
 RECONNECT_DELAY_MS = 500
 # Preparing a statement on a table another instance is creating: tries, and the pause.
 PREPARE_ATTEMPTS = 10
@@ -221,6 +256,13 @@ class ScyllaSettings(StoreSettings):
     )
     request_timeout: float = Field(default=5.0, gt=0, description="seconds per CQL request")
     connect_timeout: float = Field(default=5.0, gt=0, description="seconds to connect to a node")
+    idle_retention: int = Field(
+        default=86_400,
+        gt=0,
+        le=MAX_IDLE_RETENTION_S,
+        description="seconds a lock's row outlives its last lease (plus the margin) before"
+        " its TTL ends; covers clock errors up to that much",
+    )
 
     @field_validator("keyspace", "table")
     @classmethod
@@ -337,6 +379,8 @@ class ScyllaStore(LockStore):
     backend = "scylladb"
     settings_model = ScyllaSettings
     settings: ScyllaSettings
+    # Any retention keeps every lease (see `_cells_ttl_s`): a reload takes it on in place.
+    policy_keys = LockStore.policy_keys | {"idle_retention"}
 
     def __init__(self, settings: ScyllaSettings, *, grace_ms: int = 0) -> None:
         super().__init__(settings, grace_ms=grace_ms)
@@ -364,6 +408,10 @@ class ScyllaStore(LockStore):
         self._cluster = acsylla.create_cluster(hosts, **options)
         self._session: acsylla.Session | None = None
         self._statements: dict[str, acsylla.PreparedStatement] = {}
+        # The token of the lease this instance last granted or renewed, per (lock, client):
+        # a keep-alive names it in `renew` without reading the row first. Only a hint: the
+        # condition checks it, and a refusal shows the lease's real token.
+        self._tokens: dict[tuple[LockKey, str], int] = {}
         self._grace = GracePeriod(
             self.backend,
             margin_ms=self._margin_ms,
@@ -547,7 +595,7 @@ class ScyllaStore(LockStore):
             grace_until = now_ms + self.grace_ms
             applied, marker = await self._lwt(
                 operation,
-                "create",
+                "marker",
                 [STATE_MARKER.service, STATE_MARKER.domain, _INSTANCE, grace_until, now_ms],
             )
             if applied:
@@ -564,38 +612,29 @@ class ScyllaStore(LockStore):
             if seen is None:  # a refused LWT always shows its condition columns; be safe
                 seen = await self._read("acquire", key)
             now_ms = _now_ms()
-            if seen.token is None:  # no row: the lock's first grant, or the table lost its rows
-                if left := await self.check_state():
-                    return Acquisition.grace_refusal(left)
-                now_ms, token = _now_ms(), _now_us()
-                applied, seen = await self._lwt(
-                    "acquire",
-                    "create",
-                    [key.service, key.domain, client_id, now_ms + ttl_ms, token],
-                )
-                if applied:
-                    return Acquisition(True, client_id, token, ttl_ms)
-                continue
-            if seen.holder == client_id and seen.live(now_ms):
-                held, ends = seen.token, now_ms + ttl_ms
-                applied, seen = await self._lwt(
-                    "acquire",
-                    "refresh",
-                    [ends, key.service, key.domain, client_id, held, now_ms, ends],
-                )
-                if applied or _reaches(seen, client_id, ends, held):
-                    return Acquisition(True, client_id, held, ttl_ms, refreshed=True)
-                continue
             if seen.holder != client_id and seen.live(now_ms, self._margin_ms):
                 assert seen.expires_at is not None
                 return Acquisition(
-                    False, seen.holder or "", seen.token, max(0, seen.expires_at - now_ms)
+                    False, seen.holder or "", seen.token or 0, max(0, seen.expires_at - now_ms)
                 )
-            token = max(seen.token + 1, _now_us())
+            if seen.token is None:
+                # No lock state: the lock's first grant, a lock idle long enough for its row to
+                # expire, or a table that lost its rows. `take` grants it on the empty row.
+                if left := await self.check_state():
+                    return Acquisition.grace_refusal(left)
+            elif seen.holder == client_id and seen.live(now_ms):
+                held = seen.token
+                renewed, seen = await self._renew("acquire", key, client_id, held, ttl_ms)
+                if renewed:
+                    return Acquisition(True, client_id, held, ttl_ms, refreshed=True)
+                continue
+            token = _now_us() if seen.token is None else max(seen.token + 1, _now_us())
+            now_ms = _now_ms()
             applied, seen = await self._lwt(
                 "acquire",
                 "take",
                 [
+                    self._cells_ttl_s(ttl_ms),
                     client_id,
                     now_ms + ttl_ms,
                     token,
@@ -607,6 +646,7 @@ class ScyllaStore(LockStore):
                 ],
             )
             if applied:
+                self._hint(key, client_id, token)
                 return Acquisition(True, client_id, token, ttl_ms)
         # Every round's compare-and-set lost to another change: no refusal is true (the
         # last row seen may be free again), so say what happened. Nothing was granted.
@@ -616,27 +656,76 @@ class ScyllaStore(LockStore):
             "compare-and-sets; nothing was granted: call again",
         )
 
-    async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
-        if self._grace.left_ms():
-            return Renewal(False)
+    def _cells_ttl_s(self, ttl_ms: int) -> int:
+        """The TTL of the cells of a lease of `ttl_ms` written now: past the lease's end plus
+        `clock_skew_margin` (after which no instance counts it as held), rounded up, plus 1 s
+        (a TTL counts whole seconds on the replica, so a cell may expire up to 1 s early),
+        plus `idle_retention` (see the module docstring); 0 (no expiry) past CQL's maximum."""
+        seconds = -(-(ttl_ms + self._margin_ms) // 1000) + 1 + self.settings.idle_retention
+        return seconds if seconds <= MAX_CQL_TTL_S else 0
+
+    async def _renew(
+        self, operation: str, key: LockKey, client_id: str, token: int, ttl_ms: int
+    ) -> tuple[bool, _Row | None]:
+        """Extend the caller's live lease with fencing token `token` to end `ttl_ms` from now,
+        writing its cells anew with their TTL: whether it is renewed, and the row shown."""
         now_ms = _now_ms()
         ends = now_ms + ttl_ms
         applied, seen = await self._lwt(
-            "keep_alive", "extend", [ends, key.service, key.domain, client_id, now_ms, ends]
+            operation,
+            "renew",
+            [
+                self._cells_ttl_s(ttl_ms),
+                client_id,
+                ends,
+                token,
+                key.service,
+                key.domain,
+                client_id,
+                token,
+                now_ms,
+                ends,
+            ],
         )
-        if not applied:
-            if seen is None:  # Cassandra shows only the condition's columns: read the row
-                seen = await self._read("keep_alive", key)
-            if not _reaches(seen, client_id, ends):
-                return Renewal(False)
-        if seen is not None and seen.holder == client_id and seen.token is not None:
-            return Renewal(True, seen.token)  # ScyllaDB answers with the row it changed
-        # Cassandra answers an applied LWT without the row: read the token of the lease just
-        # extended. Serially, so the read sees that lease (or whatever replaced it since).
-        row = await self._read("keep_alive", key)
-        if row.holder != client_id or row.token is None:
+        if applied or _reaches(seen, client_id, ends, token):
+            self._hint(key, client_id, token)
+            return True, seen
+        return False, seen
+
+    def _hint(self, key: LockKey, client_id: str, token: int | None) -> None:
+        """Remember (or, with None, forget) the token of the caller's lease, newest last."""
+        self._tokens.pop((key, client_id), None)
+        if token is not None:
+            self._tokens[(key, client_id)] = token
+            if len(self._tokens) > TOKEN_HINTS:
+                del self._tokens[next(iter(self._tokens))]
+
+    async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
+        if self._grace.left_ms():
             return Renewal(False)
-        return Renewal(True, row.token)
+        token = self._tokens.get((key, client_id))
+        for _ in range(_MAX_ROUNDS):
+            if token is None:
+                row = await self._read("keep_alive", key)
+                if row.holder != client_id or row.token is None or not row.live(_now_ms()):
+                    self._hint(key, client_id, None)
+                    return Renewal(False)
+                token = row.token
+            renewed, seen = await self._renew("keep_alive", key, client_id, token, ttl_ms)
+            if renewed:
+                return Renewal(True, token)
+            if seen is None:
+                token = None  # a refusal that shows no row: read it
+            elif seen.holder == client_id and seen.token not in (None, token):
+                token = seen.token  # the caller's lease has another token: renew that one
+            else:
+                self._hint(key, client_id, None)
+                return Renewal(False)
+        raise StoreContended(
+            self.backend,
+            f"{self._where}: keep_alive: the caller's lease changed before each of "
+            f"{_MAX_ROUNDS} renewals; nothing was renewed: call again",
+        )
 
     async def release(self, key: LockKey, client_id: str, token: int = 0) -> bool:
         if not token:
@@ -647,6 +736,8 @@ class ScyllaStore(LockStore):
             applied, _ = await self._lwt("release", "release_token", values)
         else:
             applied = False  # a token no lease can have: nothing to release
+        if applied:
+            self._hint(key, client_id, None)
         return applied
 
     async def get_leader(self, key: LockKey) -> Holder | None:

@@ -22,12 +22,14 @@ from botocore.exceptions import ClientError
 from loguru import logger
 from pydantic import ValidationError
 
+from quorum_quest.config.loader import load_settings
 from quorum_quest.errors import StoreContended, StoreUnavailable
 from quorum_quest.stores import Acquisition, LockKey, store_class
 from quorum_quest.stores import dynamodb as dynamodb_module
 from quorum_quest.stores.dynamodb import (
     CREATED_AT,
     GRACE_UNTIL,
+    HOLDER,
     PURGE_AT,
     STATE_MARKER_KEY,
     TOKEN,
@@ -306,31 +308,126 @@ async def test_tokens_strictly_increase_over_100_cycles(config: dict[str, Any]) 
     assert tokens[-1] - tokens[0] == 99  # +1 per grant, none per refresh or release
 
 
-async def test_counter_survives_release_and_ttl_cleanup(
+# -- idle items expire (native TTL on purge_at) ----------------------------------------
+
+RETENTION_S = 600
+
+
+def purge_floor(item: dict[str, Any], margin_s: float, retention_s: int) -> int:
+    """The earliest `purge_at` the item's lease allows: no instance may take the lease
+    over before its end plus the margin, and the item outlives that by the retention."""
+    return -(-(int(item["expires_at"]["N"]) + int(margin_s * 1000)) // 1000) + retention_s
+
+
+async def test_every_write_that_grants_or_extends_a_lease_sets_purge_at_past_its_end(
+    dynamodb_endpoint: Endpoint, config: dict[str, Any]
+) -> None:
+    """TTL may delete an item once `purge_at` has passed: never before the lease's end plus
+    the clock skew margin, and `idle_retention` later still (the tokens' clock floor)."""
+    margin_s = 2.5  # not whole seconds: the rounding up shows
+    config = config | {"idle_retention": RETENTION_S, "clock_skew_margin": margin_s}
+    key = fresh_key()
+    table = config["table"]
+
+    def item() -> dict[str, Any]:
+        found = raw_item(dynamodb_endpoint, table, lock_item_key(key))
+        assert found is not None
+        return found
+
+    def purge_at() -> int:
+        return int(item()[PURGE_AT]["N"])
+
+    async with started(config) as store, started(config) as other:
+        writes = {
+            "first grant": lambda: store.acquire(key, "alice", LONG_MS),
+            "refresh": lambda: store.acquire(key, "alice", 2 * LONG_MS),
+            "keep-alive": lambda: store.keep_alive(key, "alice", 3 * LONG_MS),
+            "keep-alive elsewhere": lambda: other.keep_alive(key, "alice", 4 * LONG_MS),
+        }
+        for what, write in writes.items():
+            assert (await write()).token, what
+            assert purge_at() == purge_floor(item(), margin_s, RETENTION_S), what
+        ends = purge_at()
+        assert not (await store.keep_alive(key, "bob", 5 * LONG_MS)).renewed
+        assert not (await store.acquire(key, "bob", 5 * LONG_MS)).acquired
+        assert purge_at() == ends  # refused writes write nothing
+        assert await store.release(key, "alice")
+        assert HOLDER not in item() and purge_at() == ends  # the released lease's value
+        assert (await other.acquire(key, "bob", SHORT_MS)).acquired  # a grant on the item
+        assert purge_at() == purge_floor(item(), margin_s, RETENTION_S)
+        short = purge_at()
+        await asyncio.sleep((SHORT_MS + margin_s * 1000) / 1000 + 0.15)
+        assert (await store.acquire(key, "carol", LONG_MS)).acquired  # takeover, past margin
+        assert purge_at() == purge_floor(item(), margin_s, RETENTION_S) > short
+        store.reconfigure(store.settings.model_copy(update={"idle_retention": 60}))
+        assert (await store.keep_alive(key, "carol", LONG_MS)).renewed
+        assert purge_at() == purge_floor(item(), margin_s, 60)  # a reload applies in place
+    marker = raw_item(dynamodb_endpoint, table, STATE_MARKER_KEY)
+    assert marker is not None and PURGE_AT not in marker  # TTL never deletes the marker
+
+
+async def test_a_grant_after_ttl_deleted_the_item_takes_a_larger_token_than_every_earlier(
+    dynamodb_endpoint: Endpoint, config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TTL deletes an idle item at the earliest when its `purge_at` has passed on AWS's
+    clock. The next grant is a first grant, seeded from its instance's clock: even on a
+    clock behind AWS's by almost the whole retention, its token is above every earlier."""
+    config = config | {"idle_retention": RETENTION_S}
+    key = fresh_key()
+    tokens = []
+    async with started(config) as store:
+        for cycle in range(20):
+            granted = await store.acquire(key, f"client-{cycle % 3}", LONG_MS)
+            assert granted.acquired
+            tokens.append(granted.token)
+            assert await store.release(key, f"client-{cycle % 3}")
+        tokens.append((await store.acquire(key, "last", SHORT_MS)).token)
+        purge_at = int(
+            raw_item(dynamodb_endpoint, config["table"], lock_item_key(key))[PURGE_AT]["N"]
+        )
+        # What TTL does, at the earliest moment it may: delete the item.
+        dynamodb_endpoint.admin().delete_item(
+            TableName=config["table"], Key={"pk": {"S": lock_item_key(key)}}
+        )
+        # The instance's clock reads R - 1 ms less than purge_at: AWS's clock is past it.
+        behind_ms = (purge_at - RETENTION_S) * 1000 + 1
+        monkeypatch.setattr(dynamodb_module, "_now_ms", lambda: behind_ms)
+        monkeypatch.setattr(dynamodb_module, "_now_us", lambda: behind_ms * 1000)
+        after = await store.acquire(key, "next", LONG_MS)
+        monkeypatch.undo()
+    assert all(a < b for a, b in zip(tokens, tokens[1:], strict=False)), tokens
+    assert after.acquired and after.token > max(tokens)
+
+
+async def test_release_and_expiry_keep_the_counter_until_the_item_is_idle(
     dynamodb_endpoint: Endpoint, config: dict[str, Any]
 ) -> None:
     key = fresh_key()
-    admin = dynamodb_endpoint.admin()
     async with started(config) as store:
         released = await store.acquire(key, "alice", LONG_MS)
         assert await store.release(key, "alice")
         expired = await store.acquire(key, "bob", SHORT_MS)
         await expire()
-
-        # Release and expiry leave the item, with its counter and without a holder's TTL.
         item = raw_item(dynamodb_endpoint, config["table"], lock_item_key(key))
         assert item is not None and int(item[TOKEN]["N"]) == expired.token
-        assert PURGE_AT not in item
-
-        # Do what native TTL may do at any time: delete every item carrying the attribute.
-        items = admin.scan(TableName=config["table"], ConsistentRead=True)["Items"]
-        doomed = [i for i in items if PURGE_AT in i]
-        assert [i["pk"]["S"] for i in doomed] == ["probe:write"]  # never a lock item
-        for doomed_item in doomed:
-            admin.delete_item(TableName=config["table"], Key={"pk": doomed_item["pk"]})
-
+        assert int(item[PURGE_AT]["N"]) > time.time() + DynamoSettings().idle_retention - 60
         after = await store.acquire(key, "carol", LONG_MS)
     assert released.token < expired.token < after.token
+
+
+def test_idle_retention_is_checked_and_read_from_the_environment() -> None:
+    assert DynamoSettings().idle_retention == 86_400
+    assert DynamoSettings(idle_retention=1).idle_retention == 1
+    for bad in (0, -5, dynamodb_module.MAX_IDLE_RETENTION_S + 1):
+        with pytest.raises(ValidationError, match="idle_retention"):
+            DynamoSettings(idle_retention=bad)
+    settings = load_settings(
+        None, {"QUORUMQUEST_BACKEND_TYPE": "dynamodb", "QUORUMQUEST_STORE_IDLE_RETENTION": "7200"}
+    )
+    assert settings.store_settings().idle_retention == 7200
+    store = make_store()
+    assert store.reconfigure(store.settings.model_copy(update={"idle_retention": 60}))
+    assert store.settings.idle_retention == 60
 
 
 async def test_create_table_makes_an_on_demand_table_with_ttl_on_purge_at(

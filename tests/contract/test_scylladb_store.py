@@ -17,7 +17,7 @@ from acsylla import errors as cass_errors
 from loguru import logger
 
 from quorum_quest._rpc import LeaderElectionStub, pb
-from quorum_quest.config.loader import validate
+from quorum_quest.config.loader import load_settings, validate
 from quorum_quest.errors import ConfigError, StoreContended, StoreUnavailable
 from quorum_quest.server import running_server
 from quorum_quest.stores import Acquisition, LockKey, store_class
@@ -31,6 +31,7 @@ pytestmark = pytest.mark.scylladb
 
 SHORT_MS = 150
 LONG_MS = 30_000
+LONGER_MS = 4 * LONG_MS
 GRACE_MS = 2000
 # For tests that never wait for the end of a grace period: no slow machine outlasts it.
 LONG_GRACE_MS = 60_000
@@ -351,7 +352,7 @@ class _TimingOutLwt:
         raise self.error
 
 
-_LWTS = {"create", "take", "refresh", "extend", "release", "release_token"}
+_LWTS = {"marker", "take", "renew", "release", "release_token"}
 
 
 @pytest.mark.parametrize(
@@ -366,6 +367,8 @@ async def test_lwt_timeout_is_unavailable_with_an_unknown_outcome(
 ) -> None:
     store = make_store(**scylladb_store_config)
     await store.start()
+    held = fresh_key()
+    assert (await store.acquire(held, "alice", LONG_MS)).acquired
     prepared = store._statements
     store._statements = {
         name: _TimingOutLwt(error) if name in _LWTS else statement
@@ -374,8 +377,9 @@ async def test_lwt_timeout_is_unavailable_with_an_unknown_outcome(
     try:
         for call in (
             store.acquire(fresh_key(), "alice", LONG_MS),
-            store.keep_alive(fresh_key(), "alice", LONG_MS),
-            store.release(fresh_key(), "alice"),
+            store.acquire(held, "alice", LONG_MS),
+            store.keep_alive(held, "alice", LONG_MS),
+            store.release(held, "alice"),
         ):
             with pytest.raises(StoreUnavailable, match="outcome is unknown") as caught:
                 await call
@@ -647,3 +651,217 @@ async def test_a_renewal_delivered_late_never_shortens_the_lease(
     assert refresh.acquired and refresh.refreshed and refresh.token == granted.token
     holder = await second.get_leader(key)
     assert holder is not None and holder.remaining_ms > LONG_MS - 5_000
+
+
+# -- idle rows expire (a CQL TTL on every cell a lease writes) ---------------------------
+
+RETENTION_S = 600
+
+
+async def cell_ttls(store: ScyllaStore, key: LockKey) -> dict[str, Any] | None:
+    """The row's lease end and the TTL left (seconds) of each of its cells."""
+    statement = acsylla.create_statement(
+        "SELECT expires_at, TTL(holder) AS holder, TTL(expires_at) AS lease, "
+        f"TTL(fencing_token) AS counter FROM {store._table} WHERE service = ? AND domain = ?",
+        parameters=2,
+    )
+    row = (await store._execute("test", statement, [key.service, key.domain])).first()
+    return row.as_dict() if row is not None else None
+
+
+async def test_every_lease_write_gives_all_cells_one_ttl_past_the_lease_and_the_marker_none(
+    scylladb_store_config: dict[str, Any],
+) -> None:
+    """Each cell lives past the lease's end plus the margin, plus the retention; all three
+    alike, so the token never expires under a live lease and the row goes all at once."""
+    margin_s = 2.5  # not whole seconds: the rounding up shows
+    config = scylladb_store_config | {"idle_retention": RETENTION_S, "clock_skew_margin": margin_s}
+    store, other = make_store(**config), make_store(**config)
+    await store.start()
+    await other.start()
+    key = fresh_key()
+
+    async def check(what: str, ttl_ms: int, retention_s: int = RETENTION_S) -> int:
+        cells = await cell_ttls(store, key)
+        now_ms = scylladb_module._now_ms()
+        assert cells is not None, what
+        assert cells["holder"] == cells["lease"] == cells["counter"], (what, cells)
+        # Past the lease's end plus the margin, plus the retention; at most what was written.
+        assert cells["counter"] >= (cells["expires_at"] + margin_s * 1000 - now_ms) / 1000 + (
+            retention_s
+        ), (what, cells)
+        assert cells["counter"] <= -(-(ttl_ms + margin_s * 1000) // 1000) + 1 + retention_s
+        return cells["counter"]
+
+    try:
+        writes = {
+            "first grant": (lambda: store.acquire(key, "alice", LONG_MS), LONG_MS),
+            "refresh": (lambda: store.acquire(key, "alice", 2 * LONG_MS), 2 * LONG_MS),
+            "keep-alive": (lambda: store.keep_alive(key, "alice", 3 * LONG_MS), 3 * LONG_MS),
+            "keep-alive elsewhere": (
+                lambda: other.keep_alive(key, "alice", 4 * LONG_MS),
+                4 * LONG_MS,
+            ),
+        }
+        for what, (write, ttl_ms) in writes.items():
+            assert (await write()).token, what
+            await check(what, ttl_ms)
+        before = (await cell_ttls(store, key))["counter"]
+        assert await store.release(key, "alice")
+        released = await cell_ttls(store, key)
+        assert released["holder"] is None and released["lease"] is None  # deleted cells
+        assert before - 2 <= released["counter"] <= before  # the last lease's TTL, untouched
+        assert (await other.acquire(key, "bob", SHORT_MS)).acquired  # a take of the row
+        await check("take", SHORT_MS)
+        await asyncio.sleep((SHORT_MS + margin_s * 1000) / 1000 + 0.15)
+        assert (await store.acquire(key, "carol", LONG_MS)).acquired  # takeover, past margin
+        await check("takeover", LONG_MS)
+        store.reconfigure(store.settings.model_copy(update={"idle_retention": 60}))
+        assert (await store.keep_alive(key, "carol", LONG_MS)).renewed
+        await check("keep-alive after a reload", LONG_MS, 60)  # applied in place
+        marker = await cell_ttls(store, STATE_MARKER)
+        assert marker is not None
+        assert (marker["holder"], marker["lease"], marker["counter"]) == (None, None, None)
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_an_idle_lock_row_expires_and_the_next_grant_takes_a_larger_token(
+    scylladb_store_config: dict[str, Any],
+) -> None:
+    store = make_store(**scylladb_store_config, idle_retention=1)
+    await store.start()
+    released, expired = fresh_key(), fresh_key()
+    tokens: list[int] = []
+    try:
+        for cycle in range(20):
+            granted = await store.acquire(released, f"client-{cycle % 3}", SHORT_MS)
+            assert granted.acquired
+            tokens.append(granted.token)
+            assert await store.release(released, f"client-{cycle % 3}")
+        assert (await store.acquire(expired, "alice", SHORT_MS)).acquired
+        # Gone a few seconds after the leases ended: wait without judging how long it takes.
+        patience = time.monotonic() + 120
+        while await raw_row(store, released) or await raw_row(store, expired):
+            assert time.monotonic() < patience, "the idle rows did not expire"
+            await asyncio.sleep(0.5)
+        assert await raw_row(store, STATE_MARKER) is not None  # the marker never expires
+        after = await store.acquire(released, "bob", LONG_MS)
+        assert after.acquired and after.token > max(tokens)
+        assert all(a < b for a, b in zip(tokens, tokens[1:], strict=False)), tokens
+        assert (await store.acquire(expired, "bob", LONG_MS)).acquired
+    finally:
+        await store.close()
+
+
+async def test_a_live_lease_outlives_the_ttl_its_grant_wrote(
+    scylladb_store_config: dict[str, Any],
+) -> None:
+    """A renewal writes every cell again: the token must not expire with its grant's TTL
+    while the renewed lease lives on."""
+    store = make_store(**scylladb_store_config, idle_retention=1)
+    await store.start()
+    key = fresh_key()
+    try:
+        grant_ms = 5_000  # time enough to renew it on a loaded machine
+        granted = await store.acquire(key, "alice", grant_ms)
+        granted_at = time.monotonic()
+        assert (await store.keep_alive(key, "alice", LONG_MS)).renewed
+        grant_cells_s = store._cells_ttl_s(grant_ms)
+        await asyncio.sleep(max(0.0, granted_at + grant_cells_s + 1.5 - time.monotonic()))
+        row = await raw_row(store, key)
+        assert row is not None and row["fencing_token"] == granted.token
+        holder = await store.get_leader(key)
+        assert holder is not None and (holder.client_id, holder.token) == ("alice", granted.token)
+        assert not (await store.acquire(key, "bob", LONG_MS)).acquired
+        assert (await store.keep_alive(key, "alice", LONG_MS)).token == granted.token
+    finally:
+        await store.close()
+
+
+async def test_a_keep_alive_with_a_stale_token_renews_the_callers_current_lease(pair) -> None:
+    """This instance remembers the token it granted; the caller's lease was granted again
+    through another instance since: the renewal finds the new token and renews that lease."""
+    first, second = pair
+    key = fresh_key()
+    old = await first.acquire(key, "alice", LONG_MS)
+    assert await second.release(key, "alice")
+    new = await second.acquire(key, "alice", LONG_MS)
+    assert new.token > old.token
+    renewal = await first.keep_alive(key, "alice", LONGER_MS)
+    assert renewal.renewed and renewal.token == new.token
+    holder = await second.get_leader(key)
+    assert holder is not None and holder.token == new.token and holder.remaining_ms > LONG_MS
+    assert await first.release(key, "alice")
+    assert not (await first.keep_alive(key, "alice", LONG_MS)).renewed  # never revived
+
+
+async def test_a_row_left_with_only_its_row_marker_is_granted(
+    scylladb_store_config: dict[str, Any],
+) -> None:
+    """What a row of an earlier version (its first grant was an INSERT, writing a row marker
+    without TTL) reads as once its cells expired: a row of nulls. It is a lock without state."""
+    store = make_store(**scylladb_store_config)
+    await store.start()
+    key = fresh_key()
+    try:
+        await cql(
+            store,
+            f"INSERT INTO {store._table} (service, domain) VALUES ('{key.service}', "
+            f"'{key.domain}') IF NOT EXISTS",
+        )
+        assert await raw_row(store, key) == {
+            "service": key.service,
+            "domain": key.domain,
+            "holder": None,
+            "expires_at": None,
+            "fencing_token": None,
+        }
+        granted = await store.acquire(key, "alice", LONG_MS)
+        assert granted.acquired and granted.token > 0
+        assert (await store.get_leader(key)).token == granted.token
+    finally:
+        await store.close()
+
+
+async def test_the_state_marker_never_expires_even_under_a_default_ttl(
+    scylladb_store_config: dict[str, Any],
+) -> None:
+    store = make_store(**scylladb_store_config)
+    await store.start()
+    try:
+        await cql(store, f"ALTER TABLE {store._table} WITH default_time_to_live = 3600")
+        await cql(
+            store,
+            f"DELETE FROM {store._table} WHERE service = '' AND domain = "
+            f"'{STATE_MARKER.domain}' IF EXISTS",
+        )
+        with losses_logged() as losses:
+            assert await store.check_state() == 0
+        assert len(losses) == 1
+        marker = await cell_ttls(store, STATE_MARKER)
+        assert marker is not None
+        assert (marker["holder"], marker["lease"], marker["counter"]) == (None, None, None)
+        key = fresh_key()
+        assert (await store.acquire(key, "alice", LONG_MS)).acquired
+        assert (await cell_ttls(store, key))["counter"] > 86_000  # the lease's TTL, not 3600
+    finally:
+        await store.close()
+
+
+async def test_idle_retention_is_checked_and_read_from_the_environment() -> None:
+    assert ScyllaSettings().idle_retention == 86_400
+    for bad in (0, -5, scylladb_module.MAX_IDLE_RETENTION_S + 1):
+        error = store_error({"idle_retention": bad})
+        assert error.path == "store.idle_retention"
+    settings = load_settings(
+        None, {"QUORUMQUEST_BACKEND_TYPE": "scylladb", "QUORUMQUEST_STORE_IDLE_RETENTION": "7200"}
+    )
+    assert settings.store_settings().idle_retention == 7200
+    store = make_store()
+    assert store.reconfigure(store.settings.model_copy(update={"idle_retention": 60}))
+    assert store.settings.idle_retention == 60
+    # A lease so long that its TTL would pass CQL's 20-year maximum is given none.
+    assert store._cells_ttl_s(scylladb_module.MAX_CQL_TTL_S * 1000) == 0
+    assert store._cells_ttl_s(1) == 2 + 1 + 60  # 1 ms + the 1 s margin, rounded up; + 1 s

@@ -192,21 +192,23 @@ async def test_many_leases_are_kept_alive_by_one_loop_of_batched_calls(
 ) -> None:
     calls = count_batches(server)
     domains = [f"shard-{n}" for n in range(300)]
-    async with QuorumQuestClient(service_name(), "unused", 0.9, address) as client:
+    # Leases of 3 s, renewed every 1 s: a loaded machine may stall the loop for a
+    # second or two without costing one.
+    async with QuorumQuestClient(service_name(), "unused", 3.0, address) as client:
         async with client.leaderships(domains) as leases:
             assert isinstance(leases, LeaseSet)
             assert len(leases) == 300
             tokens = {lease.domain: lease.fencing_token for lease in leases}
-            await asyncio.sleep(2.5)  # almost three leases: only renewals keep them
+            await asyncio.sleep(7.5)  # two and a half leases: only renewals keep them
             assert len(leases) == 300
-            assert all(lease.remaining > 0.3 for lease in leases)
+            assert all(lease.is_valid for lease in leases)
             assert {lease.domain: lease.fencing_token for lease in leases} == tokens
             holder = await server.runtime.current.store.get_leader(
                 LockKey(client.service, "shard-123")
             )
             assert holder is not None and holder.client_id == client.client_id
     assert calls["keep_alive"] == 0
-    assert calls["locks"] >= 300 * 6  # every lease renewed every 0.3 s
+    assert calls["locks"] >= 300 * 2  # every lease renewed, at least twice
     assert calls["keep_alive_many"] * 10 <= calls["locks"]  # in batches, not one by one
 
 
@@ -216,7 +218,7 @@ async def test_one_lost_lease_is_reported_while_the_others_continue(
 ) -> None:
     events = Events()
     service = service_name()
-    async with QuorumQuestClient(service, "unused", 0.9, address) as client:
+    async with QuorumQuestClient(service, "unused", 3.0, address) as client:
         async with client.leaderships(
             [f"shard-{n}" for n in range(20)], callbacks=events.callbacks
         ) as leases:
@@ -226,11 +228,11 @@ async def test_one_lost_lease_is_reported_while_the_others_continue(
             await server.runtime.current.store.release(
                 LockKey(service, "shard-7"), client.client_id
             )
-            with anyio_fail_after(1.0):
+            with anyio_fail_after(30):  # its next renewal finds it gone
                 reason = await victim.wait_ended()
             assert "no longer holds" in reason
             assert not victim.is_valid
-            await asyncio.sleep(1.5)  # the others keep being renewed
+            await asyncio.sleep(4.0)  # the others keep being renewed, past their first lease
             assert leases.get("shard-7") is None
             assert len(leases) == 19
             assert events.lost == [victim]
@@ -295,9 +297,9 @@ async def test_a_failed_batch_is_retried_within_the_leases(
         return await real(*args)
 
     store.keep_alive_many = flaky_keep_alive_many
-    async with QuorumQuestClient(service_name(), "unused", 0.9, address) as client:
+    async with QuorumQuestClient(service_name(), "unused", 3.0, address) as client:
         async with client.leaderships([f"shard-{n}" for n in range(50)]) as leases:
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(4.0)  # past the first lease: the failed batch was retried
             assert len(leases) == 50
     assert failures == 1
 

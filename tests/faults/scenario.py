@@ -1,12 +1,15 @@
 """One fault scenario: a backend, service instances (behind proxies if need be), racing clients.
 
 `Run` starts everything, waits until the lock has a holder, injects the fault (once
-per round), leaves time to recover, stops the clients and returns the merged history.
+per round), leaves time to recover, races on until enough grants were seen, stops the
+clients and returns the merged history. A lag probe (`StallProbe`) in the test process
+records its stalls, as the client processes record theirs.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -20,7 +23,18 @@ import grpc
 from tests.faults.clients import ClientSpec, Plan, ProcessSpec
 from tests.faults.cluster import ClientProcess, ServiceInstance
 from tests.faults.faults import Fault
-from tests.faults.history import Call, FaultWindow, History, Recorder, read_events
+from tests.faults.history import (
+    PROBE_S,
+    STALL_MIN_S,
+    Call,
+    FaultWindow,
+    History,
+    Recorder,
+    Stall,
+    all_beliefs,
+    grants,
+    read_events,
+)
 from tests.faults.proxy import Proxy
 
 SOAK_ENV = "QQ_FAULT_SOAK"
@@ -32,6 +46,8 @@ SERVICE = "faults"
 PROCESSES = 2
 RAW_CLIENTS = 2
 SDK_CLIENTS = 1
+# How long `Run.play` races on after the last recovery, at most, for the grants it needs.
+GRANTS_BUDGET_S = 60.0
 
 
 def soak_rounds() -> int:
@@ -66,6 +82,38 @@ class Timing:
     def bound(self, fault: Fault) -> float:
         """The liveness bound: ttl + keep-alive interval (+ the grace period after a state loss)."""
         return self.ttl + self.interval + (self.grace_s if fault.state_loss else 0.0)
+
+
+class StallProbe:
+    """The test process's lag probe: a thread that sleeps `PROBE_S` at a time and records
+    each wake-up later than `STALL_MIN_S` as a `Stall` (the test process also runs the
+    proxies, between the service and its backend)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stall-probe", daemon=True)
+
+    def _run(self) -> None:
+        recorder = Recorder(self.path)
+        try:
+            while True:
+                due = time.monotonic() + PROBE_S
+                if self._stop.wait(PROBE_S):
+                    return
+                woke = time.monotonic()
+                if woke - due >= STALL_MIN_S:
+                    recorder.record(Stall("test", due, woke))
+        finally:
+            recorder.close()
+
+    def __enter__(self) -> StallProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @dataclass
@@ -283,24 +331,47 @@ class Run:
             if not instance.running:
                 instance.start()
 
-    def play(self, rounds: int) -> History:
+    def grants(self) -> int:
+        """Grants the clients have recorded so far (as the checker counts them)."""
+        calls = [
+            event
+            for process in self.processes
+            if process.out.exists()
+            for event in read_events(process.out)
+            if isinstance(event, Call)
+        ]
+        return grants(all_beliefs(calls))
+
+    def race_on(self, min_grants: int, budget: float = GRANTS_BUDGET_S) -> None:
+        """Let the clients race until they have `min_grants` grants, for `budget` s at most:
+        on a loaded machine a fault may take long to recover from, and the scenario must
+        still have grants to judge. Too few after that are the checker's to report."""
+        deadline = time.monotonic() + budget
+        while self.grants() < min_grants and time.monotonic() < deadline:
+            time.sleep(0.25)
+
+    def play(self, rounds: int, min_grants: int = 0) -> History:
         """Inject the fault `rounds` times, each followed by time to recover, then race on
-        once some client holds the lock again; the history."""
+        once some client holds the lock again, until `min_grants` grants were seen (or
+        `GRANTS_BUDGET_S` passed); the history."""
         recovery = self.timing.bound(self.fault) + 1.0
         faults = Recorder(self.workdir / "faults.jsonl")
-        self.settle()
-        for round_ in range(rounds):
-            if round_:
-                self.revive()
-                self.settle()
-            window = self.fault.inject(self)
-            faults.record(window)
-            time.sleep(recovery)
-        # Let the clients race on after the last recovery too, so that a fault that left
-        # the backend slow to come back still leaves grants to judge.
-        self.settle()
-        stop = time.monotonic()
+        probe = StallProbe(self.workdir / "stalls-test.jsonl")
+        with probe:
+            self.settle()
+            for round_ in range(rounds):
+                if round_:
+                    self.revive()
+                    self.settle()
+                window = self.fault.inject(self)
+                faults.record(window)
+                time.sleep(recovery)
+            # Let the clients race on after the last recovery too, so that a fault that left
+            # the backend slow to come back still leaves grants to judge.
+            self.settle()
+            self.race_on(min_grants)
+            stop = time.monotonic()
         faults.close()
         self.stop_clients()
-        outs = [faults.path, *(process.out for process in self.processes)]
+        outs = [faults.path, probe.path, *(process.out for process in self.processes)]
         return History.load(outs, stop)

@@ -16,6 +16,7 @@ from tests.faults.history import (
     FaultWindow,
     History,
     Recorder,
+    Stall,
     Takeover,
     check,
     client_beliefs,
@@ -54,8 +55,13 @@ def spans(takeovers: list[Takeover]) -> list[tuple[float, float]]:
     return [(round(t.start, 6), round(t.end, 6)) for t in takeovers]
 
 
-def history(*calls: Call, stop: float = 10.0, faults: tuple[FaultWindow, ...] = ()) -> History:
-    return History(stop, calls=list(calls), faults=list(faults))
+def history(
+    *calls: Call,
+    stop: float = 10.0,
+    faults: tuple[FaultWindow, ...] = (),
+    stalls: tuple[Stall, ...] = (),
+) -> History:
+    return History(stop, calls=list(calls), faults=list(faults), stalls=list(stalls))
 
 
 def test_a_clean_handoff_passes() -> None:
@@ -225,6 +231,17 @@ def test_takeover_after_a_fault_counts_from_its_start_to_another_client() -> Non
     assert spans(after) == ([(0.5, 1.51)])
 
 
+def test_a_victim_leading_again_after_the_fault_healed_ends_the_takeover() -> None:
+    pause = FaultWindow("pause", start=0.5, end=1.8, victims=("a",))
+    back = history(grant("a", 10, 0.0), grant("a", 11, 1.9), stop=2.5, faults=(pause,))
+    after = [t for t in check(back).takeovers if t.what == "after pause"]
+    assert spans(after) == [(0.5, 1.91)]
+    # A victim's belief during the fault is not a takeover: counted to the end.
+    during = history(grant("a", 10, 0.0), grant("a", 11, 1.0), stop=2.5, faults=(pause,))
+    after = [t for t in check(during).takeovers if t.what == "after pause"]
+    assert spans(after) == [(0.5, 2.5)]
+
+
 def test_a_phantom_grant_is_a_holder_that_disappeared_when_granted() -> None:
     """The paused holder's waiting client got the lock while paused: the takeover by
     another client counts from that grant, the earliest it can have been made."""
@@ -246,11 +263,84 @@ def test_a_phantom_grant_is_a_holder_that_disappeared_when_granted() -> None:
     assert not report.liveness_problems(bound=1.5, min_grants=2)
 
 
+def slow_takeover(*stalls: Stall) -> History:
+    """a's belief ends at 1.0, b leads from 2.61: a gap of 1.61 s, over a 1.5 s bound."""
+    return history(grant("a", 10, 0.0), grant("b", 11, 2.6), stop=2.8, stalls=stalls)
+
+
+def test_a_takeover_slower_than_the_bound_without_a_stall_fails() -> None:
+    report = check(slow_takeover(Stall("clients-0", 1.2, 1.205)))  # too short to matter
+    (problem,) = report.liveness_problems(bound=1.5, min_grants=2)
+    assert problem == (
+        "takeover b after a gap: 1.61 s from 1.000 (bound 1.50 s + longest stall within 0.01 s)"
+    )
+
+
+def test_the_same_takeover_with_a_matching_stall_passes() -> None:
+    """The machine was loaded: a probed process could not run for 0.2 s within the gap."""
+    report = check(slow_takeover(Stall("clients-1", 1.5, 1.7, ("b",))))
+    assert [round(t.stall, 6) for t in report.takeovers] == [0.2]
+    assert report.liveness_problems(bound=1.5, min_grants=2) == []
+    assert report.summary("memory", "none", 1.5).endswith(
+        "max_takeover=1.61s (bound 1.50s + stall 0.20s)"
+    )
+
+
+def test_only_the_part_of_a_stall_within_the_takeover_counts() -> None:
+    # 0.5 s stalled, but only 0.05 s of it after a's belief ended: not enough.
+    report = check(slow_takeover(Stall("test", 0.55, 1.05), Stall("clients-0", 2.61, 3.0)))
+    assert [round(t.stall, 6) for t in report.takeovers] == [0.05]
+    assert report.liveness_problems(bound=1.5, min_grants=2)
+
+
+def test_a_stall_of_a_process_the_fault_paused_does_not_count() -> None:
+    """SIGSTOP is the fault, not load: the paused process's stall extends no bound."""
+    pause = FaultWindow("pause", start=0.5, end=3.0, victims=("a",))
+    paused = Stall("clients-0", 0.55, 3.0, ("a",))
+    report = check(
+        history(
+            grant("a", 10, 0.0),
+            renew("a", 10, 0.4),
+            grant("b", 11, 2.5),
+            stop=2.8,
+            faults=(pause,),
+            stalls=(paused,),
+        )
+    )
+    assert [t.stall for t in report.takeovers] == [0.0, 0.0]
+    assert len(report.liveness_problems(bound=1.5, min_grants=2)) == 1
+    # Another process's stall in that window counts.
+    loaded = check(
+        history(
+            grant("a", 10, 0.0),
+            renew("a", 10, 0.4),
+            grant("b", 11, 2.5),
+            stop=2.8,
+            faults=(pause,),
+            stalls=(paused, Stall("clients-1", 1.0, 1.6, ("b",))),
+        )
+    )
+    assert loaded.liveness_problems(bound=1.5, min_grants=2) == []
+
+
+def test_a_stall_never_excuses_an_overlap() -> None:
+    report = check(
+        history(
+            grant("a", 10, 0.0),
+            renew("a", 10, 0.5),
+            grant("b", 11, 1.2),
+            stalls=(Stall("clients-0", 0.0, 5.0),),
+        )
+    )
+    assert len(report.safety_problems()) == 1
+
+
 def test_recorded_events_read_back(tmp_path: Path) -> None:
     events = [
         grant("a", 10, 0.0),
         Act("a", 10, 0.2),
         FaultWindow("pause", 1.0, 2.0, victims=("a",)),
+        Stall("clients-0", 1.2, 1.3, ("a", "b")),
     ]
     recorder = Recorder(tmp_path / "events.jsonl")
     for event in events:

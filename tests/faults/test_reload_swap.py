@@ -23,7 +23,7 @@ import yaml
 from tests.backends.redis import redis_prefix_in_use
 from tests.faults.faults import Fault
 from tests.faults.history import FaultWindow, check
-from tests.faults.scenario import Backend, Run, Timing, soak_rounds
+from tests.faults.scenario import GRANTS_BUDGET_S, Backend, Run, Timing, soak_rounds
 
 pytestmark = [pytest.mark.faults, pytest.mark.redis]
 
@@ -71,19 +71,20 @@ class StoreSwap(Fault):
             time.sleep(0.05)
 
 
-@pytest.mark.timeout(60 * ROUNDS + 120)
+@pytest.mark.timeout(60 * ROUNDS + GRANTS_BUDGET_S + 120)
 def test_a_store_swapping_reload_makes_no_second_leader(
     redis_url: str, fault_summary: Callable[[str], None], tmp_path: Path
 ) -> None:
     prefix = asyncio.run(redis_prefix_in_use(redis_url))
     fault = StoreSwap({"url": redis_url, "key_prefix": prefix, "timeout": 1.0})
     timing = Timing()
+    min_grants = MIN_GRANTS_PER_ROUND * ROUNDS
     with Run(Backend("memory"), fault, timing, tmp_path) as run:
-        history = run.play(ROUNDS)
+        history = run.play(ROUNDS, min_grants)
     report = check(history)
     bound = timing.bound(fault)
     fault_summary(report.summary("memory->redis", fault.name, bound))
     logs = f"logs: {tmp_path}"
     assert not (unsafe := report.safety_problems()), "\n".join([*unsafe, logs])
-    slow = report.liveness_problems(bound, min_grants=MIN_GRANTS_PER_ROUND * ROUNDS)
+    slow = report.liveness_problems(bound, min_grants=min_grants)
     assert not slow, "\n".join([*slow, logs])

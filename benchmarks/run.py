@@ -12,7 +12,9 @@ uv run python -m benchmarks.run --mode many-leases [--leases 1000,10000,50000] [
 
 More targets: redis-sdk (the redis service through the SDK's client objects);
 memory+obs and redis+obs (observability fully on), e.g.
---targets memory,memory+obs,redis,redis+obs for the cost of observability; scylladb,
+--targets memory,memory+obs,redis,redis+obs for the cost of observability; memory+tls
+and redis+tls (TLS and a bearer token on every call), e.g.
+--targets memory,memory+tls,redis,redis+tls for the cost of security; scylladb,
 dynamodb and dynamodb-moto (the service against one Cassandra node, dynalite, moto).
 """
 
@@ -46,7 +48,15 @@ from benchmarks.failover import (
 from benchmarks.load import SCENARIOS, LoadSettings, cpu_probe, run_cell
 from benchmarks.proc import redis_pid
 from benchmarks.report import ceiling_rows, cycles_chart, failover_chart, save, workers_chart
-from benchmarks.targets import DEFAULT_TARGETS, OBSERVED, TARGETS, WHERE, on_redis, open_target
+from benchmarks.targets import (
+    DEFAULT_TARGETS,
+    OBSERVED,
+    SECURED,
+    TARGETS,
+    WHERE,
+    on_redis,
+    open_target,
+)
 from benchmarks.workers import WorkersSettings, run_workers, summarize_rows, workers_tables
 from quorum_quest.config.settings import LoggerSettings, ObservabilitySettings
 from quorum_quest.telemetry.logging import configure_logging
@@ -372,12 +382,15 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def obs_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """calls/s of `X+obs` over calls/s of `X`, per cell, where both were measured."""
+def obs_ratios(
+    results: list[dict[str, Any]], pairs: dict[str, str] = OBSERVED
+) -> list[dict[str, Any]]:
+    """calls/s of `X+obs` over calls/s of `X` (or of each target of `pairs` over its plain
+    target), per cell, where both were measured."""
     calls = {(r["target"], r["scenario"], r["clients"]): r["calls_per_s"] for r in results}
     ratios = []
     for (name, scenario, clients), observed in calls.items():
-        plain = calls.get((OBSERVED.get(name), scenario, clients))
+        plain = calls.get((pairs.get(name), scenario, clients))
         if plain:
             cell = {"target": name, "scenario": scenario, "clients": clients}
             ratios.append({**cell, "ratio": observed / plain})
@@ -417,6 +430,23 @@ def obs_summary(
     return "\n".join(lines)
 
 
+def tls_summary(ratios: list[dict[str, Any]]) -> str:
+    """calls/s of each `+tls` target over its plain target, as a small table."""
+    pairs = list(dict.fromkeys(r["target"] for r in ratios))
+    cells = list(dict.fromkeys((r["scenario"], r["clients"]) for r in ratios))
+    found = {(r["target"], r["scenario"], r["clients"]): r["ratio"] for r in ratios}
+    header = ["scenario", "clients", *(f"{name} / {SECURED[name]}" for name in pairs)]
+    lines = [
+        "\nCost of TLS + bearer tokens (calls/s secured / plaintext without auth):\n",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for scenario, clients in cells:
+        shown = [decimal(found.get((name, scenario, clients))) for name in pairs]
+        lines.append("| " + " | ".join([scenario, str(clients), *shown]) + " |")
+    return "\n".join(lines)
+
+
 def ceiling_summary(rows: list[dict[str, Any]]) -> str:
     """Each target against the echo server: its share of the ceiling and the cycle bound."""
     lines = [
@@ -453,6 +483,7 @@ def run_cycles(args: argparse.Namespace, started: datetime, command: str) -> lis
     settings = {key: getattr(args, key) for key in SETTINGS}
     where = {name: WHERE[name] for name in args.targets}
     ratios = obs_ratios(results)
+    tls_ratios = obs_ratios(results, SECURED)
     ceiling = ceiling_rows(results)
     parts = [
         f"{args.duration:g} s per cell after {args.warmup:g} s warm-up, "
@@ -469,6 +500,8 @@ def run_cycles(args: argparse.Namespace, started: datetime, command: str) -> lis
         parts.append(ceiling_summary(ceiling))
     if ratios or exported:
         parts.append(obs_summary(ratios, exported, args.trace_sample_ratio))
+    if tls_ratios:
+        parts.append(tls_summary(tls_ratios))
     text = "\n".join(parts)
     print("\n" + text)
     document = {
@@ -479,6 +512,7 @@ def run_cycles(args: argparse.Namespace, started: datetime, command: str) -> lis
         "targets": where,
         "ceiling": ceiling,
         "observability": {"ratios": ratios, "exported": exported},
+        "security": {"ratios": tls_ratios},
         "results": results,
     }
     markdown = f"# Benchmark {started:%Y-%m-%d %H:%M:%S} UTC\n\n`{command}`\n\n{text}"

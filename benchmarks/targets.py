@@ -12,6 +12,9 @@
 - `memory+obs`, `redis+obs`: `memory` and `redis` with observability fully on: OTLP
   traces and metrics to a sink the harness runs as its own process
   (`benchmarks.otlp_sink`), metrics pushed every second, Prometheus on a free port.
+- `memory+tls`, `redis+tls`: `memory` and `redis` secured: TLS on the port (a CA and
+  server certificate made for the run, `tests.pki`), auth on with a tokens file holding
+  one SHA-256 digest and one rule, and every call carrying `authorization: Bearer`.
 - `scylladb`, `dynamodb`, `dynamodb-moto`: the service on those stores against stand-ins
   on this machine, started as the tests start them (`tests/backends`): one Apache
   Cassandra node (or `QQ_TEST_CQL_HOSTS`, loopback only), dynalite, moto in server mode.
@@ -27,9 +30,11 @@ are measured (except for `redis-sdk`). `redis-direct` stays in the benchmark pro
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import json
 import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -42,6 +47,7 @@ from contextlib import (
     asynccontextmanager,
     redirect_stdout,
 )
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,18 +67,25 @@ from quorum_quest.stores.redis import RedisSettings
 from tests.backends import free_port
 from tests.backends.cassandra import TEST_KEYSPACE, cql_server
 from tests.backends.dynamodb import dynalite_process, moto_process
+from tests.pki import Authority
 
 DEFAULT_TARGETS = ("echo", "memory", "redis", "redis-direct")
 # The `redis` service driven through the SDK's client objects, run only when asked.
 SDK = ("redis-sdk",)
 # The `+obs` targets and the plain target each one adds observability to.
 OBSERVED = {"memory+obs": "memory", "redis+obs": "redis"}
+# The `+tls` targets (TLS and a bearer token per call) and the plain target of each.
+SECURED = {"memory+tls": "memory", "redis+tls": "redis"}
 # Targets on a store server started for them (see `store_server`), run only when asked.
 EMULATED = ("scylladb", "dynamodb", "dynamodb-moto")
-TARGETS = (*DEFAULT_TARGETS, *SDK, *OBSERVED, *EMULATED)
+TARGETS = (*DEFAULT_TARGETS, *SDK, *OBSERVED, *SECURED, *EMULATED)
 # Where each target's code runs, for the printed header and the JSON file.
 _SERVICE = "service in its own process (quorum-quest-service -config=<file>)"
 _OBSERVED = f"{_SERVICE}, exporting OTLP to a sink process (python -m benchmarks.otlp_sink)"
+_SECURED = (
+    f"{_SERVICE}, TLS on the port, auth on (tokens file of SHA-256 digests, one rule), "
+    "a bearer token on every call"
+)
 _SIZES = ", ".join(f"{name} {len(body)} B" for name, body in RESPONSES.items())
 WHERE = {
     "echo": "do-nothing grpc.aio server in its own process (python -m benchmarks.echo_server), "
@@ -84,6 +97,8 @@ WHERE = {
     "(try_acquire_lock -> one renewal -> release_lock)",
     "memory+obs": _OBSERVED,
     "redis+obs": _OBSERVED,
+    "memory+tls": _SECURED,
+    "redis+tls": _SECURED,
     "scylladb": f"{_SERVICE}, scylladb store against a single Cassandra node on this machine, "
     "not production",
     "dynamodb": f"{_SERVICE}, dynamodb store against an emulator (dynalite) on this machine, "
@@ -128,13 +143,30 @@ class Target(Protocol):
 # -- the service over gRPC ------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Secure:
+    """How a client reaches a secured service: TLS credentials, and metadata on each call."""
+
+    credentials: grpc.ChannelCredentials
+    metadata: tuple[tuple[str, str], ...]
+
+
+def open_channel(
+    address: str, secure: Secure | None, options: tuple[tuple[str, Any], ...] = ()
+) -> grpc.aio.Channel:
+    if secure is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, secure.credentials, options=options)
+
+
 class ServiceSession:
     """One grpc.aio channel and stub; every call has a deadline of `timeout` seconds."""
 
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, address: str, timeout: float, secure: Secure | None = None) -> None:
         self._timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
+        self._channel = open_channel(address, secure, CLIENT_CHANNEL_OPTIONS)
         self._stub = LeaderElectionStub(self._channel)
+        self._metadata = secure.metadata if secure is not None else None
 
     async def connect(self) -> None:
         async with asyncio.timeout(self._timeout):
@@ -144,19 +176,23 @@ class ServiceSession:
         request = pb.TryAcquireLockRequest(
             service=key.service, domain=key.domain, client_id=client_id, ttl_ms=TTL_MS
         )
-        reply = await self._stub.try_acquire_lock(request, timeout=self._timeout)
+        reply = await self._stub.try_acquire_lock(
+            request, timeout=self._timeout, metadata=self._metadata
+        )
         return reply.is_leader
 
     async def keep_alive(self, key: LockKey, client_id: str) -> bool:
         request = pb.KeepAliveRequest(
             service=key.service, domain=key.domain, client_id=client_id, ttl_ms=TTL_MS
         )
-        reply = await self._stub.keep_alive(request, timeout=self._timeout)
+        reply = await self._stub.keep_alive(request, timeout=self._timeout, metadata=self._metadata)
         return reply.lease_length is not None and reply.lease_length > timedelta(0)
 
     async def release(self, key: LockKey, client_id: str) -> bool:
         request = pb.ReleaseLockRequest(service=key.service, domain=key.domain, client_id=client_id)
-        reply = await self._stub.release_lock(request, timeout=self._timeout)
+        reply = await self._stub.release_lock(
+            request, timeout=self._timeout, metadata=self._metadata
+        )
         return reply.released
 
     async def close(self) -> None:
@@ -164,15 +200,23 @@ class ServiceSession:
 
 
 class ServiceTarget:
-    def __init__(self, name: str, address: str, timeout: float, pid: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        timeout: float,
+        pid: int | None = None,
+        secure: Secure | None = None,
+    ) -> None:
         self.name = name
         self.exported: dict[str, Any] = {}
         self.address = address
         self.pid = pid  # the process started (with workers, their supervisor)
         self._timeout = timeout
+        self._secure = secure
 
     async def open_session(self) -> ServiceSession:
-        session = ServiceSession(self.address, self._timeout)
+        session = ServiceSession(self.address, self._timeout, self._secure)
         await session.connect()
         return session
 
@@ -185,11 +229,14 @@ def service_command(config: Path) -> list[str]:
 
 
 async def wait_serving(
-    process: asyncio.subprocess.Process, address: str, start_timeout: float
+    process: asyncio.subprocess.Process,
+    address: str,
+    start_timeout: float,
+    secure: Secure | None = None,
 ) -> None:
     """Poll the gRPC health check (service "") until it answers SERVING."""
     deadline = time.monotonic() + start_timeout
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, secure) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.returncode is not None:
@@ -242,11 +289,14 @@ async def service_target(
     observability: dict[str, Any] | None = None,
     start_timeout: float = SERVICE_START_TIMEOUT_S,
     workers: int = 1,
+    security: dict[str, Any] | None = None,
+    secure: Secure | None = None,
 ) -> AsyncIterator[ServiceTarget]:
     """The service with `backend` in its own process on 127.0.0.1 until the block exits.
 
     With `workers` > 1 (`server.workers`) that process is the supervisor of the worker
-    processes, and the block starts once every worker listens.
+    processes, and the block starts once every worker listens. `security` holds the
+    `server.tls` and `auth` sections of a secured target, and `secure` how to reach it.
     """
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -261,6 +311,9 @@ async def service_target(
     }
     if observability:
         config["observability"] = observability
+    if security:
+        config["server"]["tls"] = security["tls"]
+        config["auth"] = security["auth"]
     # The file is the whole config: no QUORUMQUEST_* (or OTEL_*, read by the OTLP
     # exporters) variable from this shell changes it.
     env = {
@@ -276,9 +329,9 @@ async def service_target(
             *service_command(config_file), stdout=asyncio.subprocess.DEVNULL, env=env
         )
         try:
-            await wait_serving(process, address, start_timeout)
+            await wait_serving(process, address, start_timeout, secure)
             await wait_listening(process.pid, port, workers, start_timeout)
-            yield ServiceTarget(name, address, timeout, process.pid)
+            yield ServiceTarget(name, address, timeout, process.pid, secure)
         finally:
             await stop_service(process)
 
@@ -451,6 +504,43 @@ async def observed_service_target(
     target.exported.update(sink.counts)
 
 
+# -- the service with TLS and tokens ------------------------------------------------------
+
+
+@asynccontextmanager
+async def secured_service_target(
+    name: str, backend: str, store: dict[str, Any], timeout: float
+) -> AsyncIterator[ServiceTarget]:
+    """`service_target` with TLS on the port and a bearer token on every call.
+
+    A CA and a server certificate (EC P-256) are made for the run; the tokens file holds
+    the SHA-256 digest of one random token, and one rule lets its identity lock the
+    harness's locks, so every call is identified, authorized and checked for ownership.
+    """
+    token = secrets.token_urlsafe(32)
+    with tempfile.TemporaryDirectory(prefix="qq-bench-tls-") as workdir:
+        authority = Authority(Path(workdir))
+        server = authority.issue("server", server=True)
+        tokens = Path(workdir) / "tokens.yaml"
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        tokens.write_text(yaml.safe_dump({"bench": f"sha256:{digest}"}), encoding="utf-8")
+        security = {
+            "tls": {"certFile": str(server.cert_file), "keyFile": str(server.key_file)},
+            "auth": {
+                "tokensFile": str(tokens),
+                "rules": [{"identity": "bench", "locks": "qq-bench/*", "allow": ["lock"]}],
+            },
+        }
+        secure = Secure(
+            grpc.ssl_channel_credentials(root_certificates=authority.cert_pem),
+            (("authorization", f"Bearer {token}"),),
+        )
+        async with service_target(
+            name, backend, store, timeout, security=security, secure=secure
+        ) as target:
+            yield target
+
+
 # -- the Redis store, called directly --------------------------------------------------
 
 
@@ -574,11 +664,13 @@ async def open_target(
         async with echo_target(timeout) as target:
             yield target
         return
-    backend = OBSERVED.get(name, "redis" if name in SDK else name)
+    backend = OBSERVED.get(name) or SECURED.get(name) or ("redis" if name in SDK else name)
 
     def service(store: dict[str, Any]) -> AbstractAsyncContextManager[ServiceTarget]:
         if name in OBSERVED:
             return observed_service_target(name, backend, store, timeout, trace_sample_ratio)
+        if name in SECURED:
+            return secured_service_target(name, backend, store, timeout)
         return service_target(name, backend, store, timeout)
 
     if backend == "memory":

@@ -21,7 +21,7 @@ from loguru import logger
 from quorum_quest.config.loader import DEFAULT_PATH, find_config_file, load_settings, read_yaml
 from quorum_quest.config.settings import Settings
 from quorum_quest.errors import ConfigError, StoreUnavailable
-from quorum_quest.server.app import serve
+from quorum_quest.server.app import check_files, serve
 from quorum_quest.server.workers import supervise, worker_index
 from quorum_quest.telemetry.logging import configure_logging
 
@@ -66,6 +66,12 @@ def _run(settings: Settings, file: Path | None, *, reuse_port: bool) -> None:
         runner.run(serve(settings, file, reuse_port=reuse_port))
 
 
+def _config_error(exc: ConfigError) -> int:
+    message = " ".join(str(exc).splitlines())
+    print(f"quorum-quest-service: config error: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
@@ -73,10 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         file = find_config_file(args.config)
         settings = load_settings(file)
         empty = file is not None and not read_yaml(file)
+        check_files(settings)
     except ConfigError as exc:
-        message = " ".join(str(exc).splitlines())
-        print(f"quorum-quest-service: config error: {message}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _config_error(exc)
     configure_logging(settings.logger)
     if file is None:
         logger.info("no config file found at {}; using {}", DEFAULT_PATH, _store_in_use(settings))
@@ -91,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.configure(extra={"worker": worker})
     try:
         _run(settings, file, reuse_port=worker is not None)
+    except ConfigError as exc:  # a certificate or tokens file that changed since the check
+        return _config_error(exc)
     except StoreUnavailable as exc:
         logger.error("cannot start: {}", exc)
         return EXIT_STORE

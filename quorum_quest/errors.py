@@ -65,3 +65,29 @@ class ConfigError(QuorumQuestError):
         super().__init__(f"{path}: {reason}" if path else reason)
         self.path = path
         self.reason = reason
+
+
+class AccessRefused(QuorumQuestError):
+    """A call the service refused for who made it; `identity` names the caller where known.
+
+    The message never holds a credential.
+    """
+
+    def __init__(self, message: str, identity: str = "") -> None:
+        super().__init__(message)
+        self.identity = identity
+
+
+class Unauthenticated(AccessRefused):
+    """The caller's credentials are missing (where they are needed), unknown or unusable:
+    answered UNAUTHENTICATED."""
+
+
+class PermissionDenied(AccessRefused):
+    """The caller's identity is known, and no rule lets it do this to this lock: answered
+    PERMISSION_DENIED, naming the lock and the operation."""
+
+
+class QuotaExceeded(AccessRefused):
+    """The caller's identity is over one of its quotas (leases held, calls per second):
+    answered RESOURCE_EXHAUSTED; nothing was changed."""

@@ -1,7 +1,8 @@
 """Find, read and validate the configuration: YAML file, then environment overrides.
 
 Environment variables `QUORUMQUEST_<SECTION>_<KEY>` (or `QUORUMQUEST_<KEY>` for a
-top-level key) win over the file. Names are matched without regard to case or
+top-level key, `QUORUMQUEST_<SECTION>_<SUBSECTION>_<KEY>` inside a nested section such
+as `server.tls`) win over the file. Names are matched without regard to case or
 underscores, so `QUORUMQUEST_SERVERADDRESS` sets `serverAddress` and
 `QUORUMQUEST_STORE_ACCESSKEYID` sets `store.accessKeyId`. The environment is layered
 onto the file here, before validation, because the `store:` keys depend on the
@@ -163,6 +164,7 @@ def validate(raw: dict[str, Any]) -> Settings:
                 "cannot be used with server.workers > 1 (each worker would need its own port);"
                 " push metrics over OTLP instead",
             )
+    _check_security(settings)
     if store.ttl > settings.server.maxTtl:
         raise ConfigError(
             "store.ttl",
@@ -170,6 +172,29 @@ def validate(raw: dict[str, Any]) -> Settings:
             f"server.maxTtl ({settings.server.maxTtl:g} s)",
         )
     return settings
+
+
+def _check_security(settings: Settings) -> None:
+    """Keys of `server.tls` and `auth` that only make sense together. (What the files they
+    name hold is checked by the server, which reads them: `quorum_quest.server.tls`.)"""
+    tls = settings.server.tls
+    if tls.keyFile and not tls.certFile:
+        raise ConfigError("server.tls.certFile", "is needed with server.tls.keyFile")
+    if tls.certFile and not tls.keyFile:
+        raise ConfigError("server.tls.keyFile", "is needed with server.tls.certFile")
+    if tls.clientCaFile and not tls.certFile:
+        raise ConfigError(
+            "server.tls.clientCaFile",
+            "needs server.tls.certFile and keyFile: client certificates are checked over TLS",
+        )
+    quotas = settings.auth.quotas
+    if quotas.any and not settings.auth_on:
+        key = "maxLeasesPerIdentity" if quotas.maxLeasesPerIdentity else "callsPerSecondPerIdentity"
+        raise ConfigError(
+            f"auth.quotas.{key}",
+            "quotas are per identity and need auth on (auth.tokensFile, auth.rules or"
+            " server.tls.clientCaFile); without it every caller would share one quota",
+        )
 
 
 def _check_numbers(model: BaseModel, prefix: str = "") -> None:
@@ -255,14 +280,43 @@ def _apply_one(raw: dict[str, Any], name: str, value: str) -> None:
     section = _match(section_name, fields)
     if section is None or not key:
         raise ConfigError(variable, "environment variable names no known key")
-    if section not in raw:
-        raw[section] = {}
-    target = raw[section]
-    if not isinstance(target, dict):
-        raise ConfigError(
-            section, f"must be a mapping of keys, not {_kind(target)} ({variable} sets one of them)"
-        )
-    known = _store_keys(raw) if section == "store" else fields[section].annotation.model_fields
+    if section == "store":
+        _set_key(raw, [section], key, value, _store_keys(raw), variable)
+        return
+    model = fields[section].annotation
+    path = [section]
+    # A key of a nested section (`QUORUMQUEST_SERVER_TLS_CERTFILE` = server.tls.certFile):
+    # where the name is no key of the section, its head may name a section inside it.
+    while _match(key, model.model_fields) is None:
+        head, _, rest = key.partition("_")
+        inner = _match(head, model.model_fields)
+        annotation = model.model_fields[inner].annotation if inner else None
+        if not rest or not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        path.append(inner)
+        model, key = annotation, rest
+    _set_key(raw, path, key, value, model.model_fields, variable)
+
+
+def _set_key(
+    raw: dict[str, Any],
+    path: list[str],
+    key: str,
+    value: str,
+    known: dict[str, FieldInfo],
+    variable: str,
+) -> None:
+    """Set `key` (matched loosely against `known`) in the section at `path` of `raw`."""
+    target = raw
+    for depth, name in enumerate(path):
+        if name not in target:
+            target[name] = {}
+        target = target[name]
+        if not isinstance(target, dict):
+            raise ConfigError(
+                ".".join(path[: depth + 1]),
+                f"must be a mapping of keys, not {_kind(target)} ({variable} sets one of them)",
+            )
     matched = _match(key, [*target, *known]) or key.lower()
     for existing in [k for k in target if _squash(k) == _squash(matched)]:
         del target[existing]

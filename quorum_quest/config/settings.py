@@ -93,6 +93,49 @@ class ObservabilitySettings(_Section):
     traceSampleRatio: float = Field(default=0.05, ge=0, le=1, description="new traces kept")
     metricsInterval: float = Field(default=10, gt=0, description="seconds between OTLP pushes")
     prometheusPort: int = Field(default=0, ge=0, lt=65536, description="scrape port; 0 = off")
+    prometheusAddress: str = Field(
+        default="",
+        description="host or IP the scrape endpoint binds; empty = the host of serverAddress",
+    )
+
+    @field_validator("prometheusAddress")
+    @classmethod
+    def _host_only(cls, value: str) -> str:
+        host = value.strip()
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if any(char.isspace() for char in host) or "/" in host:
+            raise ValueError(f"{value!r} is not a host name or IP address")
+        if ":" in host and host.count(":") == 1:
+            raise ValueError(
+                f"{value!r}: give the host only; the port is observability.prometheusPort"
+            )
+        return host
+
+    def prometheus_host(self, server_address: str) -> str:
+        """Where the scrape endpoint listens: `prometheusAddress`, else the host the
+        service listens on (all interfaces, 0.0.0.0, for `:port`)."""
+        if self.prometheusAddress:
+            return self.prometheusAddress
+        return split_address(server_address)[0] or "0.0.0.0"
+
+
+class TlsSettings(_Section):
+    """TLS on the gRPC port: on when `certFile` is set; mTLS when `clientCaFile` is too."""
+
+    certFile: str = Field(default="", description="PEM certificate chain the port presents")
+    keyFile: str = Field(default="", description="PEM private key of certFile (unencrypted)")
+    clientCaFile: str = Field(
+        default="", description="PEM CA certificates; set: every client must present one it signed"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certFile)
+
+    @property
+    def mutual(self) -> bool:
+        return bool(self.clientCaFile)
 
 
 class ServerSettings(_Section):
@@ -107,6 +150,8 @@ class ServerSettings(_Section):
     healthInterval: float = Field(default=2, gt=0, description="seconds between store probes")
     workers: int = Field(default=1, gt=0, description="processes serving one port; 'auto' = cores")
     uvloop: bool = Field(default=True, description="run on uvloop where it is installed")
+    reflection: bool = Field(default=True, description="serve gRPC server reflection")
+    tls: TlsSettings = TlsSettings()
 
     @field_validator("stateLossGrace", mode="before")
     @classmethod
@@ -128,6 +173,66 @@ class ServerSettings(_Section):
         return value
 
 
+# What an `auth.rules` entry may allow: `lock` = acquire, keep-alive and release (of the
+# caller's own leases); `read` = GetLeader; `admin` = GetStatus.
+Permission = Literal["lock", "read", "admin"]
+PERMISSIONS: tuple[str, ...] = ("lock", "read", "admin")
+# The identity of a caller that sent no credentials.
+ANONYMOUS = "anonymous"
+
+
+class AuthRule(_Section):
+    """One rule: `identity` (a glob; `anonymous` only matches itself) may do `allow` to the
+    locks whose `service/domain` match `locks` (`<service glob>/<domain glob>`, or `*`)."""
+
+    identity: str
+    locks: str = "*"
+    allow: list[Permission]
+
+    @field_validator("identity")
+    @classmethod
+    def _some_identity(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError('must name an identity or a glob of identities ("*")')
+        return value
+
+    @field_validator("locks")
+    @classmethod
+    def _service_and_domain(cls, value: str) -> str:
+        if value != "*" and "/" not in value:
+            raise ValueError(
+                f"{value!r} is not <service glob>/<domain glob> (as billing/*),"
+                " nor * for every lock"
+            )
+        return value
+
+    @field_validator("allow")
+    @classmethod
+    def _something_allowed(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"must allow at least one of {', '.join(PERMISSIONS)}")
+        return value
+
+
+class QuotaSettings(_Section):
+    maxLeasesPerIdentity: int = Field(
+        default=0, ge=0, description="live leases one identity may hold here; 0 = unlimited"
+    )
+    callsPerSecondPerIdentity: float = Field(
+        default=0, ge=0, description="calls one identity may make per second here; 0 = unlimited"
+    )
+
+    @property
+    def any(self) -> bool:
+        return bool(self.maxLeasesPerIdentity or self.callsPerSecondPerIdentity)
+
+
+class AuthSettings(_Section):
+    tokensFile: str = Field(default="", description="YAML map identity -> token or sha256:<hex>")
+    rules: list[AuthRule] = Field(default_factory=list)
+    quotas: QuotaSettings = QuotaSettings()
+
+
 class Settings(_Section):
     serverAddress: str = "localhost:5050"
     backend: BackendSettings = BackendSettings()
@@ -135,12 +240,19 @@ class Settings(_Section):
     logger: LoggerSettings = LoggerSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
 
     @field_validator("serverAddress")
     @classmethod
     def _host_and_port(cls, value: str) -> str:
         split_address(value)
         return value
+
+    @property
+    def auth_on(self) -> bool:
+        """Whether calls are authenticated and authorized: a tokens file, a client CA or
+        any rule turns it on; without all three, every caller may do everything."""
+        return bool(self.auth.tokensFile or self.auth.rules or self.server.tls.clientCaFile)
 
     def store_settings(self) -> StoreSettings:
         """The `store:` section validated by the configured backend's model."""

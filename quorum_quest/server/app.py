@@ -1,4 +1,10 @@
-"""The grpc.aio server: lock service, health, reflection, and graceful shutdown."""
+"""The grpc.aio server: lock service, health, reflection, and graceful shutdown.
+
+With `server.tls` the port speaks TLS (mTLS with a client CA) and its certificate files
+are re-read when they change; with auth on (`Settings.auth_on`) every call of the lock
+service is identified and authorized (`access`). Health stays open to every caller, so
+probes need no credentials; reflection can be switched off (`server.reflection`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,14 +28,19 @@ from quorum_quest.api.google_proto_descriptor_pool import default_google_proto_d
 from quorum_quest.config.settings import Settings
 from quorum_quest.config.watch import watch_settings
 from quorum_quest.errors import ConfigError, StoreUnavailable
+from quorum_quest.server.access import Access
+from quorum_quest.server.identity import TokenBook, Tokens
 from quorum_quest.server.runtime import LeaseBook, Runtime, Snapshot, create_store
 from quorum_quest.server.servicer import LeaderElectionServicer
+from quorum_quest.server.tls import ServerCertificates, load_certificates
 from quorum_quest.stores import LockStore
 from quorum_quest.telemetry.logging import ThrottledLog, configure_logging
 from quorum_quest.telemetry.telemetry import CurrentTracerProvider, Telemetry
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Seconds between checks of the certificate and tokens files for a change.
+SECRETS_POLL_S = 1.0
 
 # Existing clients ping every 10 s even with no call in flight; accept that rather
 # than answering GOAWAY "too_many_pings".
@@ -43,6 +55,16 @@ def channel_options(reuse_port: bool) -> tuple[tuple[str, int], ...]:
     """Server options. Only workers share a port: otherwise a port in use is an error,
     not a second server silently sharing it."""
     return (*CHANNEL_OPTIONS, ("grpc.so_reuseport", int(reuse_port)))
+
+
+def check_files(settings: Settings) -> None:
+    """Read and check every file the configuration names besides itself (certificates,
+    keys, the tokens file), as the server will: a `ConfigError` naming the key when one
+    cannot be used, so the command exits 2 before anything starts."""
+    if settings.server.tls.enabled:
+        load_certificates(settings.server.tls)
+    if settings.auth.tokensFile:
+        TokenBook.load(settings.auth.tokensFile, warn=False)
 
 
 def bind_address(address: str) -> str:
@@ -81,12 +103,18 @@ class LockServer:
         self.health = HealthServicer()
         self.repeats = ThrottledLog()
         self.port = 0
+        # The files are read first: one that cannot be used is a ConfigError (exit 2).
+        tls = settings.server.tls
+        self.certificates = ServerCertificates(tls) if tls.enabled else None
+        tokens = Tokens(settings.auth.tokensFile) if settings.auth.tokensFile else None
         self._prometheus = CollectorRegistry() if settings.observability.prometheusPort else None
+        self._metrics_server: Any = None
         self.runtime = Runtime(
             Snapshot(settings, create_store(settings), self._telemetry(settings)),
             LeaseBook(),
             started=time.monotonic(),
         )
+        self.runtime.current.access = self._access(settings, tokens)
         self.runtime.current.store.notify_releases(self.runtime.releases.released)
         # The tracing interceptor costs every call a few percent even with a no-op
         # tracer, so it is installed only when traces are exported from the start; it
@@ -103,6 +131,29 @@ class LockServer:
     @property
     def settings(self) -> Settings:
         return self.runtime.current.settings
+
+    @property
+    def mutual_tls(self) -> bool:
+        """Clients must present a certificate: fixed when the port is bound."""
+        return self.certificates is not None and self.certificates.tls.mutual
+
+    def _access(self, settings: Settings, tokens: Tokens | None) -> Access | None:
+        """Auth for `settings`, or None while it is off. The client CA in force is the one
+        the port was bound with (a change of `server.tls` needs a restart)."""
+        if not (settings.auth.tokensFile or settings.auth.rules or self.mutual_tls):
+            return None
+        return Access(settings.auth, tokens, mutual_tls=self.mutual_tls, quotas=self.runtime.quotas)
+
+    def _tokens_for(self, settings: Settings) -> Tokens | None:
+        """The tokens of `settings`: those in force when the file is the same, else the
+        new file read now (a `ConfigError` when it cannot be used)."""
+        path = settings.auth.tokensFile
+        if not path:
+            return None
+        access = self.runtime.current.access
+        if access is not None and access.tokens is not None and access.tokens.path == path:
+            return access.tokens
+        return Tokens(path)
 
     def _telemetry(self, settings: Settings) -> Telemetry:
         return Telemetry(
@@ -124,19 +175,27 @@ class LockServer:
             # refuse undecodable requests too (INVALID_ARGUMENT, not UNKNOWN + traceback).
             registrar = DecodingRegistrar(self._server, self._refused)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
-            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-                reflection.aio.ReflectionServicer(
-                    (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                    pool=default_google_proto_descriptor_pool,
-                ),
-                registrar,
-            )
-            self.port = self._server.add_insecure_port(bind_address(self.settings.serverAddress))
+            if self.settings.server.reflection:
+                reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                    reflection.aio.ReflectionServicer(
+                        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                        pool=default_google_proto_descriptor_pool,
+                    ),
+                    registrar,
+                )
+            address = bind_address(self.settings.serverAddress)
+            if self.certificates is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, self.certificates.credentials())
             await self._server.start()
             if self._prometheus is not None:
-                port = self.settings.observability.prometheusPort
-                start_http_server(port, registry=self._prometheus)
-                logger.info("Prometheus metrics on port {}", port)
+                observability = self.settings.observability
+                host = observability.prometheus_host(self.settings.serverAddress)
+                self._metrics_server, _ = start_http_server(
+                    observability.prometheusPort, addr=host, registry=self._prometheus
+                )
+                logger.info("Prometheus metrics on {}:{}", host, observability.prometheusPort)
         except BaseException:
             await store.close()
             raise
@@ -146,12 +205,56 @@ class LockServer:
         self._tasks.append(loop.create_task(self._summarise_repeats()))
         if self.config_file is not None:
             self._tasks.append(loop.create_task(self._watch_config(self.config_file)))
+        self._tasks.append(loop.create_task(self._watch_secrets()))
+        self._describe_security()
         logger.info(
-            "serving on {} (port {}) with the {} store",
+            "serving on {} (port {}{}) with the {} store",
             self.settings.serverAddress,
             self.port,
+            ", TLS" if self.certificates is not None else "",
             store.backend,
         )
+
+    def _describe_security(self) -> None:
+        """Say at start what protects the port, and what does not."""
+        settings = self.settings
+        if self.certificates is not None:
+            logger.info(
+                "TLS on: serving {} (valid until {:%Y-%m-%d %H:%M} UTC){}",
+                self.certificates.material.subject,
+                self.certificates.material.not_after,
+                "; clients need a certificate signed by " + settings.server.tls.clientCaFile
+                if self.mutual_tls
+                else "",
+            )
+        access = self.runtime.current.access
+        if access is None:
+            return
+        tokens = access.tokens
+        logger.info(
+            "auth on: {} rules, {} token identities{}, lease quota {}, call quota {}",
+            len(settings.auth.rules),
+            len(tokens.book) if tokens is not None else 0,
+            ", client certificates" if self.mutual_tls else "",
+            access.max_leases or "none",
+            f"{access.calls_per_second:g}/s" if access.calls_per_second else "none",
+        )
+        _warn_about_auth(settings, tls=self.certificates is not None)
+
+    async def _watch_secrets(self) -> None:
+        """Re-read the certificate and tokens files when they change, until the server
+        stops (each poll costs a few stat calls)."""
+        while True:
+            await asyncio.sleep(SECRETS_POLL_S)
+            access = self.runtime.current.access
+            tokens = access.tokens if access is not None else None
+            try:
+                if self.certificates is not None:
+                    await asyncio.to_thread(self.certificates.poll)
+                if tokens is not None:
+                    await asyncio.to_thread(tokens.poll)
+            except Exception as exc:  # a poll logs its own refusals; this is a net
+                logger.opt(exception=exc).error("checking the certificate or tokens files failed")
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -162,6 +265,9 @@ class LockServer:
         self.runtime.releases.close()
         current = self.runtime.current
         await self._server.stop(current.settings.server.shutdownGrace)
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.shutdown)
+            self._metrics_server.server_close()
         await current.store.close()
         await asyncio.to_thread(current.telemetry.shutdown)
         self.repeats.flush(everything=True)
@@ -263,6 +369,11 @@ class LockServer:
         """
         runtime = self.runtime
         old = runtime.current
+        try:
+            access = self._access(new, self._tokens_for(new))
+        except ConfigError as exc:
+            self._reload_rejected(str(exc))
+            return False
         store = old.store
         if new.backend.type != old.settings.backend.type or not store.reconfigure(
             new.store_settings()
@@ -298,12 +409,23 @@ class LockServer:
                 old.settings.observability.prometheusPort,
                 new.observability.prometheusPort,
             ),
+            (
+                "observability.prometheusAddress",
+                old.settings.observability.prometheusAddress,
+                new.observability.prometheusAddress,
+            ),
             ("server.workers", old.settings.server.workers, new.server.workers),
             ("server.uvloop", old.settings.server.uvloop, new.server.uvloop),
+            ("server.reflection", old.settings.server.reflection, new.server.reflection),
+            ("server.tls", old.settings.server.tls, new.server.tls),
         ):
             if before != after:
                 logger.warning("{} changed to {}: this needs a restart", key, after)
-        runtime.swap(Snapshot(new, store, telemetry))
+        if new.auth != old.settings.auth and access is not None:
+            _warn_about_auth(new, tls=self.certificates is not None)
+        if old.access is not None and access is None:
+            logger.warning("auth is off now: every caller may do everything to every lock")
+        runtime.swap(Snapshot(new, store, telemetry, access))
         store.grace_ms = runtime.state_loss_grace_ms()
         runtime.reloads["applied"] += 1
         runtime.last_reload = "applied"
@@ -331,6 +453,18 @@ class LockServer:
         except TimeoutError:
             logger.warning("closing the old store with {} calls still running", old.in_flight)
         await store.close()
+
+
+def _warn_about_auth(settings: Settings, *, tls: bool) -> None:
+    if settings.auth.tokensFile and not tls:
+        logger.warning(
+            "auth.tokensFile is set but server.tls is not: bearer tokens cross the network"
+            " in plain text, where anyone on the path can read and reuse them"
+        )
+    if not settings.auth.rules:
+        logger.warning(
+            "auth is on and auth.rules is empty: every call of the lock service is refused"
+        )
 
 
 def _changed_sections(old: Settings, new: Settings) -> str:

@@ -12,10 +12,15 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from quorum_quest.config.settings import Settings
+from quorum_quest.server.quotas import Quotas
 from quorum_quest.stores import LockKey, LockStore, store_class
 from quorum_quest.telemetry.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from quorum_quest.server.access import Access
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +52,14 @@ def grace_ms(settings: Settings) -> int:
 
 @dataclass(eq=False)
 class Snapshot:
-    """One configuration in force: read once at the start of every call."""
+    """One configuration in force: read once at the start of every call.
+
+    `access` is None while auth is off (`Settings.auth_on`)."""
 
     settings: Settings
     store: LockStore
     telemetry: Telemetry
+    access: Access | None = None
     policy: LeasePolicy = field(init=False)
     in_flight: int = field(default=0, init=False)
     _drained: asyncio.Event | None = field(default=None, init=False, repr=False)
@@ -182,6 +190,7 @@ class Runtime:
         self.releases = Releases()
         self.started = started
         self.reloads: Counter[str] = Counter()
+        self.quotas = Quotas()  # counted per identity, whatever the configuration
         self.last_reload = ""
         self.store_reachable = True
         self._grace_until = 0.0  # time.monotonic() seconds

@@ -10,6 +10,13 @@ with no control character: C0, DEL, C1, and the line and paragraph separators U+
 and U+2029, which would break a log line. At INFO the service logs what operators act
 on — a lock lost by a holder it knew, a store failure (repeats counted, see
 `ThrottledLog`) — and each grant and release only at DEBUG.
+
+With auth on (`quorum_quest.server.access`) each call is made by a `Caller`: it must be
+allowed the lock and the operation (UNAUTHENTICATED / PERMISSION_DENIED otherwise), its
+leases are held under its identity, its quotas apply (RESOURCE_EXHAUSTED), and grants,
+releases, losses and refusals are *audit lines* at INFO carrying the identity as a
+structured field (`audit`, `identity`, `service`, `domain`, `client_id`); refusals are
+rate-limited like other repeated lines.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ import contextlib
 import contextvars
 import functools
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,12 +38,22 @@ from opentelemetry import trace
 
 from quorum_quest import __version__
 from quorum_quest._rpc import wire
-from quorum_quest.errors import InvalidArgument, StoreContended, StoreUnavailable
+from quorum_quest.errors import (
+    AccessRefused,
+    InvalidArgument,
+    QuotaExceeded,
+    StoreContended,
+    StoreUnavailable,
+)
+from quorum_quest.server.access import ADMIN, LOCK, OPEN, READ, Caller, client_id_of
+from quorum_quest.server.identity import CONTROL_CHARACTER
 from quorum_quest.stores.base import MAX_NAME_BYTES, Acquisition, LockKey
 from quorum_quest.telemetry.logging import ThrottledLog
 from quorum_quest.telemetry.telemetry import (
     ACQUIRED,
+    DENIED,
     ERROR,
+    EXHAUSTED,
     GRACE_PERIOD,
     HELD_BY_OTHER,
     NOT_HOLDER,
@@ -53,7 +69,7 @@ Response = TypeVar("Response")
 # The result counted in metrics: one per call, or for a batch how many locks had each.
 Results = str | Counter[str]
 # A handler answers with its response and its results.
-Handler = Callable[[Any, "Snapshot", Request], Awaitable[tuple[Response, Results]]]
+Handler = Callable[[Any, "Snapshot", Caller, Request], Awaitable[tuple[Response, Results]]]
 Served = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
 
 NOT_HOLDER_LEASE_MS = -1000  # KeepAlive's "you do not hold this lock"
@@ -75,8 +91,12 @@ MAX_BATCH_LOCKS = 10_000
 REFUSED_EXAMPLES = 5
 # The largest fencing token any store issues or compares (a signed 64-bit integer).
 MAX_FENCING_TOKEN = 2**63 - 1
-# What no name may contain: C0 controls, DEL, C1 controls, line and paragraph separators.
-CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# The status of each refusal for who the caller is.
+REFUSED_STATUS = {
+    "Unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "PermissionDenied": grpc.StatusCode.PERMISSION_DENIED,
+    "QuotaExceeded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 def _one(request: object) -> int:
@@ -89,6 +109,8 @@ def _lock_operation(
     """Serve `handler` on one snapshot, within the caller's deadline, with errors as statuses.
 
     Metrics count lock operations: `locks(request)` is how many a failed call counts.
+    With auth on, the caller is identified first (see `Access.caller`); with it off every
+    call is `OPEN` and costs one attribute test more.
     """
 
     def decorate(handler: Handler[Request, Response]) -> Served[Request, Response]:
@@ -102,6 +124,8 @@ def _lock_operation(
             _call_deadline.set(None if remaining is None else time.monotonic() + remaining)
             snapshot.enter()
             try:
+                access = snapshot.access
+                caller = OPEN if access is None else access.caller(context)
                 # A store span only inside a sampled (recording) server span.
                 if telemetry.tracing and trace.get_current_span().is_recording():
                     attributes = {
@@ -111,9 +135,9 @@ def _lock_operation(
                     with telemetry.tracer.start_as_current_span(
                         f"store {operation}", attributes=attributes
                     ):
-                        response, result = await handler(self, snapshot, request)
+                        response, result = await handler(self, snapshot, caller, request)
                 else:
-                    response, result = await handler(self, snapshot, request)
+                    response, result = await handler(self, snapshot, caller, request)
                 if isinstance(result, str):
                     telemetry.count(operation, result, backend, started)
                 else:
@@ -123,6 +147,10 @@ def _lock_operation(
                 return response
             except InvalidArgument as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except AccessRefused as exc:
+                result = EXHAUSTED if isinstance(exc, QuotaExceeded) else DENIED
+                telemetry.count(operation, result, backend, started, locks(request))
+                await _refused(self._log, context, operation, exc)
             except StoreContended as exc:
                 # Nothing is in doubt and nothing was granted: the caller may ask again.
                 telemetry.count(operation, ERROR, backend, started, locks(request))
@@ -147,6 +175,40 @@ def _lock_operation(
         return serve
 
     return decorate
+
+
+async def _refused(
+    log: ThrottledLog, context: grpc.aio.ServicerContext, operation: str, exc: AccessRefused
+) -> None:
+    """Answer `exc`'s status, after an audit line (rate-limited per identity and kind)."""
+    kind = type(exc).__name__
+    identity = exc.identity or "?"
+    log.log(
+        "INFO",
+        f"refused {kind} {identity}",
+        "audit: call refused: {} {} from {}: {}",
+        operation,
+        kind,
+        context.peer(),
+        str(exc),
+        fields={"audit": "refused", "identity": identity, "operation": operation},
+    )
+    await context.abort(REFUSED_STATUS[kind], str(exc))
+
+
+def _audit(
+    caller: Caller, event: str, level: str, message: str, *args: object, **fields: object
+) -> None:
+    """Log a lock transition: with auth on an audit line, at INFO at least, naming the
+    identity as a field and in the text; with auth off a plain line at `level`."""
+    if caller.audited:
+        if level == "DEBUG":
+            level = "INFO"
+        logger.bind(audit=event, identity=caller.identity, **fields).opt(depth=1).log(
+            level, message + " identity={}", *args, caller.identity
+        )
+    else:  # no `opt(depth=1)` here: it costs a disabled DEBUG line twice over
+        logger.log(level, message, *args)
 
 
 def _swapped_out(backend: str) -> StoreUnavailable:
@@ -252,17 +314,27 @@ class LeaderElectionServicer:
 
     @_lock_operation("acquire")
     async def try_acquire_lock(
-        self, snapshot: Snapshot, request: wire.TryAcquireLockRequest
+        self, snapshot: Snapshot, caller: Caller, request: wire.TryAcquireLockRequest
     ) -> tuple[wire.TryAcquireLockResponse, str]:
         key = _lock_key(request)
         client_id = _name("client_id", request.client_id)
         ttl_ms = _ttl_ms(snapshot, request)
-        result = await self._acquire(snapshot, key, client_id, ttl_ms)
-        waited = 0.0
-        if request.wait_ms and not result.acquired and not result.grace:
-            result, waited = await self._acquire_after_release(
-                snapshot, key, client_id, ttl_ms, result, request.wait_ms
-            )
+        caller.allow(key, LOCK, "acquire")
+        holder = caller.holder(client_id)
+        reserved = caller.reserve(key)  # a place under the lease quota while this runs
+        result: Acquisition | None = None
+        try:
+            result = await self._acquire(snapshot, key, holder, ttl_ms)
+            waited = 0.0
+            if request.wait_ms and not result.acquired and not result.grace:
+                result, waited = await self._acquire_after_release(
+                    snapshot, key, holder, ttl_ms, result, request.wait_ms
+                )
+        finally:
+            if result is not None and result.acquired:
+                caller.leased(key, result.ttl_ms)
+            elif reserved or result is not None:
+                caller.unleased(key)
         if result.grace:
             # No holder can be trusted until the grace period ends: leader_id stays
             # empty and lease_length says when to ask again.
@@ -274,20 +346,26 @@ class LeaderElectionServicer:
         if not result.acquired:
             response = wire.TryAcquireLockResponse(
                 is_leader=False,
-                leader_id=result.holder,
+                leader_id=client_id_of(result.holder),
                 lease_length=_duration(result.ttl_ms),
                 waited=_waited(waited),
             )
             return response, HELD_BY_OTHER
-        self._runtime.leases.granted(key, client_id, result.ttl_ms)
+        self._runtime.leases.granted(key, holder, result.ttl_ms)
         if not result.refreshed:
-            logger.debug(
+            _audit(
+                caller,
+                "grant",
+                "DEBUG",
                 "lock acquired: service={} domain={} client_id={} token={} ttl_ms={}",
                 key.service,
                 key.domain,
                 client_id,
                 result.token,
                 ttl_ms,
+                service=key.service,
+                domain=key.domain,
+                client_id=client_id,
             )
         response = wire.TryAcquireLockResponse(
             is_leader=True,
@@ -302,7 +380,7 @@ class LeaderElectionServicer:
         self,
         snapshot: Snapshot,
         key: LockKey,
-        client_id: str,
+        holder: str,
         ttl_ms: int,
         refused: Acquisition,
         wait_ms: int,
@@ -326,13 +404,13 @@ class LeaderElectionServicer:
             holder_left = max(result.ttl_ms / 1000, MIN_RETRY_S) + EXPIRY_SLACK_S
             await releases.wait(key, min(stop - now, holder_left))
             waited = time.monotonic() - started
-            result = await self._acquire(snapshot, key, client_id, ttl_ms)
+            result = await self._acquire(snapshot, key, holder, ttl_ms)
             if result.acquired or result.grace:
                 break
         return result, waited
 
     async def _acquire(
-        self, snapshot: Snapshot, key: LockKey, client_id: str, ttl_ms: int
+        self, snapshot: Snapshot, key: LockKey, holder: str, ttl_ms: int
     ) -> Acquisition:
         """`store.acquire`, unless a reload swapped the store out (then UNAVAILABLE: ask
         again) or the new store's handover lasts (then a grace refusal). A grant that a
@@ -343,35 +421,64 @@ class LeaderElectionServicer:
             raise _swapped_out(store.backend)
         if left := runtime.handover_left_ms():
             return Acquisition.grace_refusal(left)
-        result = await store.acquire(key, client_id, ttl_ms)
+        result = await store.acquire(key, holder, ttl_ms)
         if result.acquired and store is not runtime.current.store:
             with contextlib.suppress(StoreUnavailable):
-                await store.release(key, client_id, result.token)
+                await store.release(key, holder, result.token)
             raise _swapped_out(store.backend)
         return result
 
+    async def _held_by_another_identity(
+        self, snapshot: Snapshot, caller: Caller, key: LockKey, client_id: str
+    ) -> bool:
+        """With auth on, whether the live lease of `key` that the store refused to release
+        for this caller has the caller's client_id under another identity: someone reusing
+        a client_id that GetLeader showed them. (One more store read, only then.)"""
+        if not caller.audited:
+            return False
+        try:
+            holder = await snapshot.store.get_leader(key)
+        except StoreUnavailable:
+            return False
+        return (
+            holder is not None
+            and holder.client_id != caller.holder(client_id)
+            and client_id_of(holder.client_id) == client_id
+        )
+
     @_lock_operation("keep_alive")
     async def keep_alive(
-        self, snapshot: Snapshot, request: wire.KeepAliveRequest
+        self, snapshot: Snapshot, caller: Caller, request: wire.KeepAliveRequest
     ) -> tuple[wire.KeepAliveResponse, str]:
         key = _lock_key(request)
         client_id = _name("client_id", request.client_id)
         ttl_ms = _ttl_ms(snapshot, request, renewal=True)
-        result = await snapshot.store.keep_alive(key, client_id, ttl_ms)
+        caller.allow(key, LOCK, "keep-alive")
+        holder = caller.holder(client_id)
+        result = await snapshot.store.keep_alive(key, holder, ttl_ms)
         if not result.renewed:
             # Only a holder this instance knew is "lost"; anyone else was never leader.
-            lost = self._runtime.leases.ended(key, client_id)
-            logger.log(
+            # (A lease of another identity under this client_id is not this caller's
+            # either: "not the holder" too, as KeepAliveMany answers per lock.)
+            lost = self._runtime.leases.ended(key, holder)
+            caller.unleased(key)
+            _audit(
+                caller,
+                "lost" if lost else "refused",
                 "INFO" if lost else "DEBUG",
                 "{}: keep-alive refused, service={} domain={} client_id={}",
                 "lock lost" if lost else "not the holder",
                 key.service,
                 key.domain,
                 client_id,
+                service=key.service,
+                domain=key.domain,
+                client_id=client_id,
             )
             response = wire.KeepAliveResponse(lease_length=_duration(NOT_HOLDER_LEASE_MS))
             return response, NOT_HOLDER
-        self._runtime.leases.granted(key, client_id, ttl_ms)
+        self._runtime.leases.granted(key, holder, ttl_ms)
+        caller.leased(key, ttl_ms)
         response = wire.KeepAliveResponse(
             lease_length=_duration(ttl_ms), fencing_token=result.token
         )
@@ -379,29 +486,37 @@ class LeaderElectionServicer:
 
     @_lock_operation("keep_alive_many", locks=lambda request: len(request.locks))
     async def keep_alive_many(
-        self, snapshot: Snapshot, request: wire.KeepAliveManyRequest
+        self, snapshot: Snapshot, caller: Caller, request: wire.KeepAliveManyRequest
     ) -> tuple[wire.KeepAliveManyResponse, Results]:
         client_id = _name("client_id", request.client_id)
         keys = _lock_keys(request.locks)
         ttl_ms = _ttl_ms(snapshot, request, renewal=True)
-        renewals = await snapshot.store.keep_alive_many(keys, client_id, ttl_ms)
+        caller.allow_all(keys, LOCK, "keep-alive")
+        holder = caller.holder(client_id)
+        renewals = await snapshot.store.keep_alive_many(keys, holder, ttl_ms)
         leases = self._runtime.leases
         refused, lost = 0, []
         for key, renewal in zip(keys, renewals, strict=True):
             if renewal.renewed:
-                leases.granted(key, client_id, ttl_ms)
+                leases.granted(key, holder, ttl_ms)
+                caller.leased(key, ttl_ms)
             else:
                 refused += 1
-                if leases.ended(key, client_id):
+                caller.unleased(key)
+                if leases.ended(key, holder):
                     lost.append(key)
         if lost:
             # One line per batch, not per lock: a client can hold thousands of locks.
-            logger.info(
+            _audit(
+                caller,
+                "lost",
+                "INFO",
                 "locks lost: keep-alive refused for {} of {} locks, client_id={}: {}",
                 len(lost),
                 len(keys),
                 client_id,
                 _some(lost),
+                client_id=client_id,
             )
         response = wire.KeepAliveManyResponse(
             lease_length=_duration(ttl_ms),
@@ -411,25 +526,41 @@ class LeaderElectionServicer:
 
     @_lock_operation("release")
     async def release_lock(
-        self, snapshot: Snapshot, request: wire.ReleaseLockRequest
+        self, snapshot: Snapshot, caller: Caller, request: wire.ReleaseLockRequest
     ) -> tuple[wire.ReleaseLockResponse, str]:
         key = _lock_key(request)
         client_id = _name("client_id", request.client_id)
-        released = await snapshot.store.release(key, client_id, _fencing_token(request))
+        token = _fencing_token(request)
+        caller.allow(key, LOCK, "release")
+        holder = caller.holder(client_id)
+        released = await snapshot.store.release(key, holder, token)
         if not released:
+            if await self._held_by_another_identity(snapshot, caller, key, client_id):
+                raise caller.denied_lease(key, "release")
             return wire.ReleaseLockResponse(released=False), NOT_HOLDER
-        self._runtime.leases.ended(key, client_id)
+        self._runtime.leases.ended(key, holder)
+        caller.unleased(key)
         self._runtime.releases.released(key)
-        logger.debug(
-            "lock released: service={} domain={} client_id={}", key.service, key.domain, client_id
+        _audit(
+            caller,
+            "release",
+            "DEBUG",
+            "lock released: service={} domain={} client_id={}",
+            key.service,
+            key.domain,
+            client_id,
+            service=key.service,
+            domain=key.domain,
+            client_id=client_id,
         )
         return wire.ReleaseLockResponse(released=True), RELEASED
 
     @_lock_operation("get_leader")
     async def get_leader(
-        self, snapshot: Snapshot, request: wire.GetLeaderRequest
+        self, snapshot: Snapshot, caller: Caller, request: wire.GetLeaderRequest
     ) -> tuple[wire.GetLeaderResponse, str]:
         key = _lock_key(request)
+        caller.allow(key, READ, "read")
         grace_ms = await snapshot.store.check_state()
         self._runtime.note_grace(grace_ms)
         if grace_ms:
@@ -442,7 +573,7 @@ class LeaderElectionServicer:
             return wire.GetLeaderResponse(has_leader=False), "free"
         response = wire.GetLeaderResponse(
             has_leader=True,
-            client_id=holder.client_id,
+            client_id=client_id_of(holder.client_id),
             fencing_token=holder.token,
             remaining=timedelta(milliseconds=holder.remaining_ms),
         )
@@ -452,6 +583,12 @@ class LeaderElectionServicer:
         self, request: wire.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> wire.GetStatusResponse:
         runtime = self._runtime
+        access = runtime.current.access
+        if access is not None:
+            try:
+                access.caller(context).allow(None, ADMIN, "read the status of")
+            except AccessRefused as exc:
+                await _refused(self._log, context, "status", exc)
         return wire.GetStatusResponse(
             version=__version__,
             backend=runtime.current.store.backend,

@@ -115,6 +115,7 @@ class _Repeats:
     since: float  # when the last line of this kind was written
     count: int = 0  # occurrences since then, not written
     last: tuple[str, tuple[object, ...]] = ("", ())
+    fields: dict[str, object] | None = None  # the last occurrence's structured fields
 
 
 class ThrottledLog:
@@ -125,7 +126,9 @@ class ThrottledLog:
     times in the last 10 s)`). A kind quiet for a whole interval starts afresh: its next
     occurrence is written at once. `flush()` writes the counts that are due — the owner
     calls it at least once per interval — and `flush(everything=True)` all of them, at
-    shutdown. Messages are formatted only when written.
+    shutdown. Messages are formatted only when written; `fields` are bound to the record
+    as structured fields (loguru's `extra`: keys of the JSON line), a summary's being the
+    last occurrence's.
     """
 
     def __init__(
@@ -135,15 +138,24 @@ class ThrottledLog:
         self._clock = clock
         self._kinds: dict[str, _Repeats] = {}
 
-    def log(self, level: str, kind: str, message: str, *args: object) -> None:
+    def log(
+        self,
+        level: str,
+        kind: str,
+        message: str,
+        *args: object,
+        fields: dict[str, object] | None = None,
+    ) -> None:
         now = self._clock()
         repeats = self._kinds.get(kind)
         if repeats is None or (not repeats.count and now - repeats.since >= self.interval):
             self._kinds[kind] = _Repeats(level, now)
-            logger.opt(depth=1).log(level, message, *args)
+            bound = logger.bind(**fields) if fields else logger
+            bound.opt(depth=1).log(level, message, *args)
             return
         repeats.count += 1
         repeats.last = (message, args)
+        repeats.fields = fields
         if now - repeats.since >= self.interval:
             self._summarise(repeats, now)
 
@@ -158,9 +170,11 @@ class ThrottledLog:
     def _summarise(self, repeats: _Repeats, now: float) -> None:
         message, args = repeats.last
         times = f"{repeats.count} time{'s' if repeats.count > 1 else ''}"
-        logger.log(
+        bound = logger.bind(**repeats.fields, repeats=repeats.count) if repeats.fields else logger
+        bound.log(
             repeats.level,
             f"{message} ({times} in the last {round(now - repeats.since, 1):g} s)",
             *args,
         )
         repeats.since, repeats.count, repeats.last = now, 0, ("", ())
+        repeats.fields = None

@@ -38,6 +38,9 @@ ACQUIRED, HELD_BY_OTHER, RENEWED, NOT_HOLDER, RELEASED, ERROR, GRACE_PERIOD = (
     "error",
     "grace_period",
 )
+# Calls refused for who made them: UNAUTHENTICATED or PERMISSION_DENIED, and
+# RESOURCE_EXHAUSTED by a quota.
+DENIED, EXHAUSTED = "denied", "quota_exceeded"
 
 LATENCY_SAMPLE_EVERY = 8
 

@@ -15,7 +15,12 @@ import pkgutil
 import shutil
 import socket
 import subprocess
+import sys
+from pathlib import Path
 from types import ModuleType
+
+# Prefix of a command that dies with the test process (see _die_with_parent.py).
+DIE_WITH_PARENT = (sys.executable, str(Path(__file__).with_name("_die_with_parent.py")))
 
 
 def free_port() -> int:

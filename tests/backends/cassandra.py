@@ -11,14 +11,11 @@ the run; it is never skipped.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -29,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.backends import docker_engine_available, free_port
+from tests.backends import DIE_WITH_PARENT, docker_engine_available, free_port
 
 VARIANTS = [pytest.param("scylladb", marks=pytest.mark.scylladb)]
 
@@ -121,13 +118,6 @@ def cassandra_lib() -> Path:
         return Path(lib)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "quorum-quest" / f"cassandra-{CASSANDRA_VERSION}" / "lib"
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the test process dies, so no 1 GB JVM outlives it."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def cql_answers(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -227,11 +217,10 @@ class CassandraProcess:
         started = time.monotonic()
         with self.console.open("ab") as console:
             self.process = subprocess.Popen(
-                command,
+                [*DIE_WITH_PARENT, *command],  # no 1 GB JVM outlives the test process
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
             )
         deadline = started + budget_s
         while time.monotonic() < deadline:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from quorum_quest._rpc import METHODS, pb
-from tests.backends import free_port
+from tests.backends import DIE_WITH_PARENT, free_port
 from tests.faults.clients import ProcessSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,12 +26,6 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the test process dies, so that nothing outlives it."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _send(process: subprocess.Popen[bytes] | None, signum: int) -> None:
@@ -66,12 +58,11 @@ class ServiceInstance:
     def launch(self) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "quorum_quest.cli", "--config", str(self.config_file)],
+                [*DIE_WITH_PARENT, "-m", "quorum_quest.cli", "--config", str(self.config_file)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
-                preexec_fn=_die_with_parent,
             )
 
     def wait_serving(self, budget: float = START_BUDGET_S) -> float:
@@ -150,13 +141,12 @@ class ClientProcess:
     def launch(self) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tests.faults.clients", str(self.spec_file)],
+                [*DIE_WITH_PARENT, "-m", "tests.faults.clients", str(self.spec_file)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)},
-                preexec_fn=_die_with_parent,
             )
 
     def wait_ready(self, budget: float = START_BUDGET_S) -> None:

@@ -32,6 +32,9 @@ class Fault(ABC):
     proxied: bool = False
     own_backend: bool = False
     state_loss: bool = False
+    # Seconds the store may wait before it connects again to a backend that came back
+    # (its reconnect delay): part of the liveness bound after such a fault.
+    reconnect_s: float = 0.0
 
     def __init__(self, instances: int = 2) -> None:
         self.instances = instances
@@ -156,9 +159,12 @@ class RestartBackend(Fault):
     name = "backend-restart"
     own_backend = True
 
-    def __init__(self, instances: int = 2, state_loss: bool = True) -> None:
+    def __init__(
+        self, instances: int = 2, state_loss: bool = True, reconnect_s: float = 0.0
+    ) -> None:
         super().__init__(instances)
         self.state_loss = state_loss
+        self.reconnect_s = reconnect_s
 
     def inject(self, run: Run) -> FaultWindow:
         backend = run.backend.process

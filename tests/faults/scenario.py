@@ -80,8 +80,10 @@ class Timing:
         return self.max_ttl if self.grace is None else self.grace
 
     def bound(self, fault: Fault) -> float:
-        """The liveness bound: ttl + keep-alive interval (+ the grace period after a state loss)."""
-        return self.ttl + self.interval + (self.grace_s if fault.state_loss else 0.0)
+        """The liveness bound: ttl + keep-alive interval (+ the grace period after a state
+        loss, + the store's reconnect delay after a backend restart)."""
+        grace = self.grace_s if fault.state_loss else 0.0
+        return self.ttl + self.interval + grace + fault.reconnect_s
 
 
 class StallProbe:

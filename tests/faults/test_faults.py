@@ -25,6 +25,7 @@ import grpc
 import pytest
 
 from quorum_quest._rpc import LeaderElectionStub, pb
+from quorum_quest.stores.scylladb import RECONNECT_DELAY_MS
 from tests.faults.clients import observed, record_calls
 from tests.faults.cluster import ServiceInstance
 from tests.faults.faults import (
@@ -71,7 +72,7 @@ _SHARED_FAULTS: list[Fault] = [
 _OWN_BACKEND_FAULTS: dict[str, list[Fault]] = {
     "redis": [RestartBackend(state_loss=True), SentinelFailover()],
     # A durable node replays its commit log: an outage, with no state lost.
-    "scylladb": [RestartBackend(state_loss=False)],
+    "scylladb": [RestartBackend(state_loss=False, reconnect_s=RECONNECT_DELAY_MS / 1000)],
     # dynalite keeps its tables in memory: a restart loses them.
     "dynamodb": [RestartBackend(state_loss=True)],
 }

@@ -69,6 +69,7 @@ class Method:
     attribute: str  # the servicer's / stub's Python method
     request: type[Any]
     response: type[Any]
+    streams: bool = False  # the server answers with a stream of responses
 
     @property
     def path(self) -> str:
@@ -84,6 +85,7 @@ METHODS = (
     Method("GetLeader", "get_leader", pb.GetLeaderRequest, pb.GetLeaderResponse),
     Method("GetStatus", "get_status", pb.GetStatusRequest, pb.GetStatusResponse),
     Method("KeepAliveMany", "keep_alive_many", pb.KeepAliveManyRequest, pb.KeepAliveManyResponse),
+    Method("WatchLeaders", "watch_leaders", pb.WatchLeadersRequest, pb.LeaderChange, streams=True),
 )
 
 
@@ -101,7 +103,12 @@ def service_handler(servicer: object, refused: Refused) -> grpc.GenericRpcHandle
     for method in METHODS:
         request = getattr(wire, method.request.__name__)
         response = getattr(wire, method.response.__name__)
-        handler = grpc.unary_unary_rpc_method_handler(
+        build = (
+            grpc.unary_stream_rpc_method_handler
+            if method.streams
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handler = build(
             getattr(servicer, method.attribute),
             request_deserializer=request.FromString,
             response_serializer=response.SerializeToString,
@@ -168,7 +175,8 @@ def _locate(descriptor: Descriptor, data: bytes, path: str, budget: list[int]) -
     """The path of the string field of `data` (a `descriptor` message) that is not valid
     UTF-8; raises `_Corrupt` saying where the wire format breaks; None when neither is
     found within the budget (protobuf's own limits, such as nesting depth)."""
-    pos, end, groups = 0, len(data), []
+    pos, end = 0, len(data)
+    groups: list[int] = []
     seen: dict[int, int] = {}
     inside = f" of {path[:-1]}" if path else ""
     while pos < end:
@@ -198,7 +206,7 @@ def _locate(descriptor: Descriptor, data: bytes, path: str, budget: list[int]) -
                         value.decode()
                     except UnicodeDecodeError:
                         return name
-                elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None:
                     inner = _locate(field.message_type, value, f"{name}.", budget)
                     if inner is not None:
                         return inner
@@ -231,31 +239,34 @@ def _decoder(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 def decoding(
-    method: str, handler: grpc.RpcMethodHandler, refused: Refused
-) -> grpc.RpcMethodHandler:
+    method: str, handler: grpc.RpcMethodHandler[Any, Any], refused: Refused
+) -> grpc.RpcMethodHandler[Any, Any]:
     """`handler`, with a request that cannot be decoded answered INVALID_ARGUMENT (and
     `refused` told) instead of reaching its behaviour. A handler of raw bytes or with a
     synchronous behaviour is returned as it is."""
     parse = handler.request_deserializer
-    behaviour = (
+    # grpc's stubs type a behaviour as synchronous; the ones wrapped here are async.
+    behaviour: Any = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
     streams = inspect.isasyncgenfunction(behaviour)
     if parse is None or not (streams or inspect.iscoroutinefunction(behaviour)):
         return handler
 
-    async def refuse(request: Undecodable, context: grpc.aio.ServicerContext) -> None:
+    async def refuse(request: Undecodable, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         reason = request.reason()
         refused(method, reason, context.peer())
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
 
-    async def checked(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def checked(
+        requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         async for request in requests:
             if request.__class__ is Undecodable:
                 await refuse(request, context)
             yield request
 
-    async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if handler.request_streaming:
             return checked(request, context)
         if request.__class__ is Undecodable:
@@ -265,18 +276,20 @@ def decoding(
     serve: Callable[..., Any]
     if streams:
 
-        async def serve(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def serve(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
             async for response in behaviour(await admitted(request, context), context):
                 yield response
 
     elif handler.request_streaming:
 
-        async def serve(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def serve(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             return await behaviour(checked(request, context), context)
 
     else:  # a unary request, as every method of the service's own: no extra await
 
-        async def serve(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def serve(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if request.__class__ is Undecodable:
                 await refuse(request, context)
             return await behaviour(request, context)
@@ -300,9 +313,11 @@ class _DecodingGenericHandler(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler, refused: Refused) -> None:
         self._inner = inner
         self._refused = refused
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
 
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = self._inner.service(details)
         if handler is None:
             return None
@@ -327,7 +342,7 @@ class DecodingRegistrar:
         )
 
     def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
         self._server.add_registered_method_handlers(
             service,
@@ -339,24 +354,26 @@ class DecodingRegistrar:
 
 
 class LeaderElectionStub:
-    """A grpc.aio client of the service: one awaitable callable per RPC.
+    """A grpc.aio client of the service: one callable per RPC, awaitable for a unary one,
+    an async iterator of responses for a streaming one (`watch_leaders`).
 
     It sends and answers `messages` (a module or namespace naming every message of the
     service): `pb` by default, `wire` for a caller that wants protobuf's own messages.
     """
 
-    try_acquire_lock: grpc.aio.UnaryUnaryMultiCallable
-    release_lock: grpc.aio.UnaryUnaryMultiCallable
-    keep_alive: grpc.aio.UnaryUnaryMultiCallable
-    get_leader: grpc.aio.UnaryUnaryMultiCallable
-    get_status: grpc.aio.UnaryUnaryMultiCallable
-    keep_alive_many: grpc.aio.UnaryUnaryMultiCallable
+    try_acquire_lock: grpc.aio.UnaryUnaryMultiCallable[Any, Any]
+    release_lock: grpc.aio.UnaryUnaryMultiCallable[Any, Any]
+    keep_alive: grpc.aio.UnaryUnaryMultiCallable[Any, Any]
+    get_leader: grpc.aio.UnaryUnaryMultiCallable[Any, Any]
+    get_status: grpc.aio.UnaryUnaryMultiCallable[Any, Any]
+    keep_alive_many: grpc.aio.UnaryUnaryMultiCallable[Any, Any]
+    watch_leaders: grpc.aio.UnaryStreamMultiCallable[Any, Any]
 
     def __init__(self, channel: grpc.aio.Channel, messages: Any = pb) -> None:
         for method in METHODS:
             request = getattr(messages, method.request.__name__)
             response = getattr(messages, method.response.__name__)
-            call = channel.unary_unary(
+            call = (channel.unary_stream if method.streams else channel.unary_unary)(
                 method.path,
                 request_serializer=request.SerializeToString,
                 response_deserializer=response.FromString,

@@ -148,6 +148,12 @@ class ServerSettings(_Section):
     )
     shutdownGrace: float = Field(default=10, ge=0, description="seconds in-flight calls get")
     healthInterval: float = Field(default=2, gt=0, description="seconds between store probes")
+    watchInterval: float = Field(
+        default=1,
+        gt=0,
+        description="seconds between reads of watched locks on a store that does not tell "
+        "changes (ScyllaDB, DynamoDB): the bound on how late WatchLeaders reports a change",
+    )
     workers: int = Field(default=1, gt=0, description="processes serving one port; 'auto' = cores")
     uvloop: bool = Field(default=True, description="run on uvloop where it is installed")
     reflection: bool = Field(default=True, description="serve gRPC server reflection")
@@ -174,7 +180,7 @@ class ServerSettings(_Section):
 
 
 # What an `auth.rules` entry may allow: `lock` = acquire, keep-alive and release (of the
-# caller's own leases); `read` = GetLeader; `admin` = GetStatus.
+# caller's own leases); `read` = GetLeader and WatchLeaders; `admin` = GetStatus.
 Permission = Literal["lock", "read", "admin"]
 PERMISSIONS: tuple[str, ...] = ("lock", "read", "admin")
 # The identity of a caller that sent no credentials.

@@ -5,7 +5,9 @@ What this module guarantees, when auth is on (`Settings.auth_on`):
 - every call of the lock service is made by one identity (`quorum_quest.server.identity`)
   and is let through only if the first rule of `auth.rules` that matches the identity
   and the lock allows the operation's permission: `lock` (TryAcquireLock, KeepAlive,
-  KeepAliveMany, ReleaseLock), `read` (GetLeader) or `admin` (GetStatus, which names no
+  KeepAliveMany, ReleaseLock), `read` (GetLeader, WatchLeaders: a watch of a whole
+  service is let in when some lock of the service may be read, and reports only the
+  locks the rules let it read) or `admin` (GetStatus, which names no
   lock: only a rule whose `locks` is `*` matches it). No matching rule, or a rule without
   the permission, refuses the call: PERMISSION_DENIED for an identity, UNAUTHENTICATED for
   `anonymous` (it may only be missing credentials). A `*` identity glob never matches
@@ -62,11 +64,13 @@ class _Rule:
         self.service, _, self.domain = rule.locks.partition("/")
         self.allow = frozenset(rule.allow)
 
-    def matches(self, identity: str, key: LockKey | None) -> bool:
+    def matches_identity(self, identity: str) -> bool:
         if self.identity == ANONYMOUS or identity == ANONYMOUS:
-            if self.identity != identity:
-                return False
-        elif not fnmatchcase(identity, self.identity):
+            return self.identity == identity
+        return fnmatchcase(identity, self.identity)
+
+    def matches(self, identity: str, key: LockKey | None) -> bool:
+        if not self.matches_identity(identity):
             return False
         if self.every_lock:
             return True
@@ -83,6 +87,23 @@ class Rules:
     def __init__(self, rules: Iterable[AuthRule]) -> None:
         self._rules = [_Rule(rule) for rule in rules]
         self._decided: dict[tuple[str, LockKey | None, str], bool] = {}
+
+    def allows_some(self, identity: str, service: str, permission: str) -> bool:
+        """Whether `identity` may have `permission` on some lock of `service`: the first
+        rule covering every domain of it decides; a rule before it that covers some of
+        its domains and allows `permission` lets some lock through."""
+        for rule in self._rules:
+            if not rule.matches_identity(identity):
+                continue
+            if rule.every_lock:
+                return permission in rule.allow
+            if not fnmatchcase(service, rule.service):
+                continue
+            if rule.domain == "*":
+                return permission in rule.allow
+            if permission in rule.allow:
+                return True
+        return False
 
     def allows(self, identity: str, key: LockKey | None, permission: str) -> bool:
         memo = (identity, key, permission)
@@ -133,6 +154,28 @@ class Caller:
         raise PermissionDenied(
             f"{self.identity} may not {operation} {lock_name(key)}: no rule of auth.rules"
             f" allows it {permission!r} there",
+            self.identity,
+        )
+
+    def may(self, key: LockKey, permission: str) -> bool:
+        """Whether this caller has `permission` on `key`."""
+        access = self._access
+        return access is None or access.rules.allows(self.identity, key, permission)
+
+    def allow_service(self, service: str, permission: str, operation: str) -> None:
+        """Raise unless this caller may have `permission` on some lock of `service`."""
+        access = self._access
+        if access is None or access.rules.allows_some(self.identity, service, permission):
+            return
+        if self.identity == ANONYMOUS:
+            raise Unauthenticated(
+                f"no credentials: anonymous callers may not {operation} {service}/*;"
+                " send a bearer token or a client certificate",
+                ANONYMOUS,
+            )
+        raise PermissionDenied(
+            f"{self.identity} may not {operation} {service}/*: no rule of auth.rules"
+            f" allows it {permission!r} on a lock of that service",
             self.identity,
         )
 

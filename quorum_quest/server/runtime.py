@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from quorum_quest.config.settings import Settings
 from quorum_quest.server.quotas import Quotas
+from quorum_quest.server.watch import WatchHub
 from quorum_quest.stores import LockKey, LockStore, store_class
 from quorum_quest.telemetry.telemetry import Telemetry
 
@@ -66,6 +67,7 @@ class Snapshot:
 
     def __post_init__(self) -> None:
         self.policy = LeasePolicy.from_settings(self.settings)
+        self.telemetry.expect_backend(self.store.backend)
 
     def enter(self) -> None:
         self.in_flight += 1
@@ -188,6 +190,7 @@ class Runtime:
         self.current = current
         self.leases = leases
         self.releases = Releases()
+        self.watches = WatchHub(self)  # every WatchLeaders stream of this instance
         self.started = started
         self.reloads: Counter[str] = Counter()
         self.quotas = Quotas()  # counted per identity, whatever the configuration

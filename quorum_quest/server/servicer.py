@@ -17,6 +17,11 @@ leases are held under its identity, its quotas apply (RESOURCE_EXHAUSTED), and g
 releases, losses and refusals are *audit lines* at INFO carrying the identity as a
 structured field (`audit`, `identity`, `service`, `domain`, `client_id`); refusals are
 rate-limited like other repeated lines.
+
+`WatchLeaders` streams are served from the instance's one `WatchHub`
+(`quorum_quest.server.watch`): the call validates and authorizes once (a stream counts
+once against the call rate), then sends what the hub tells it. It is not counted as a
+call in flight on its snapshot, so a reload never waits for streams to end.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import functools
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -47,6 +52,7 @@ from quorum_quest.errors import (
 )
 from quorum_quest.server.access import ADMIN, LOCK, OPEN, READ, Caller, client_id_of
 from quorum_quest.server.identity import CONTROL_CHARACTER
+from quorum_quest.server.watch import Change, WatchClosed
 from quorum_quest.stores.base import MAX_NAME_BYTES, Acquisition, LockKey
 from quorum_quest.telemetry.logging import ThrottledLog
 from quorum_quest.telemetry.telemetry import (
@@ -54,7 +60,9 @@ from quorum_quest.telemetry.telemetry import (
     DENIED,
     ERROR,
     EXHAUSTED,
+    FREE,
     GRACE_PERIOD,
+    HELD,
     HELD_BY_OTHER,
     NOT_HOLDER,
     RELEASED,
@@ -203,15 +211,19 @@ def _audit(
     caller: Caller, event: str, level: str, message: str, *args: object, **fields: object
 ) -> None:
     """Log a lock transition: with auth on an audit line, at INFO at least, naming the
-    identity as a field and in the text; with auth off a plain line at `level`."""
+    identity as a field and in the text; with auth off a plain line at `level`. Either
+    way `fields` (service, domain, client_id) are structured fields of the record."""
     if caller.audited:
         if level == "DEBUG":
             level = "INFO"
         logger.bind(audit=event, identity=caller.identity, **fields).opt(depth=1).log(
             level, message + " identity={}", *args, caller.identity
         )
-    else:  # no `opt(depth=1)` here: it costs a disabled DEBUG line twice over
-        logger.log(level, message, *args)
+    else:
+        # Keyword arguments become the record's fields (loguru's `extra`) only once the
+        # level is known to be on; no `bind` or `opt(depth=1)` here: either costs a
+        # disabled DEBUG line (every grant and release) twice over.
+        logger.log(level, message, *args, **fields)
 
 
 def _swapped_out(backend: str) -> StoreUnavailable:
@@ -306,6 +318,47 @@ def _fencing_token(request: wire.ReleaseLockRequest) -> int:
             f"{request.fencing_token} is above {MAX_FENCING_TOKEN}: no lease has such a token",
         )
     return request.fencing_token
+
+
+def _resume(tokens: Sequence[wire.LockToken]) -> dict[LockKey, int]:
+    """A resumed watch's last seen token per lock; a bad one is named with its index."""
+    if len(tokens) > MAX_BATCH_LOCKS:
+        raise InvalidArgument("resume", f"at most {MAX_BATCH_LOCKS} per call, got {len(tokens)}")
+    resume = {}
+    for index, lock in enumerate(tokens):
+        try:
+            key = _lock_key(lock)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"resume[{index}].{exc.field}", exc.reason) from None
+        if lock.fencing_token > MAX_FENCING_TOKEN:
+            raise InvalidArgument(
+                f"resume[{index}].fencing_token", f"above {MAX_FENCING_TOKEN}: no lease has it"
+            )
+        resume[key] = lock.fencing_token
+    return resume
+
+
+# The hub's kinds of change (quorum_quest.server.watch) on the wire.
+_KINDS = {
+    "current": wire.LeaderChange.KIND_CURRENT,
+    "granted": wire.LeaderChange.KIND_GRANTED,
+    "released": wire.LeaderChange.KIND_RELEASED,
+    "expired": wire.LeaderChange.KIND_EXPIRED,
+    "lost": wire.LeaderChange.KIND_LOST,
+}
+SHUTTING_DOWN = "this service instance is shutting down: resume the watch on another"
+
+
+def _leader_change(change: Change) -> wire.LeaderChange:
+    return wire.LeaderChange(
+        service=change.key.service,
+        domain=change.key.domain,
+        kind=_KINDS[change.kind],
+        client_id=client_id_of(change.holder),
+        fencing_token=change.token,
+        remaining=_duration(change.remaining_ms()),
+        gap=change.gap,
+    )
 
 
 class LeaderElectionServicer:
@@ -575,14 +628,14 @@ class LeaderElectionServicer:
             return response, GRACE_PERIOD
         holder = await snapshot.store.get_leader(key)
         if holder is None:
-            return wire.GetLeaderResponse(has_leader=False), "free"
+            return wire.GetLeaderResponse(has_leader=False), FREE
         response = wire.GetLeaderResponse(
             has_leader=True,
             client_id=client_id_of(holder.client_id),
             fencing_token=holder.token,
             remaining=timedelta(milliseconds=holder.remaining_ms),
         )
-        return response, "held"
+        return response, HELD
 
     async def get_status(
         self, request: wire.GetStatusRequest, context: grpc.aio.ServicerContext
@@ -603,3 +656,57 @@ class LeaderElectionServicer:
             store_reachable=runtime.store_reachable,
             grace_remaining=timedelta(milliseconds=runtime.grace_left_ms()),
         )
+
+    async def watch_leaders(
+        self, request: wire.WatchLeadersRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[wire.LeaderChange]:
+        """The state of each watched lock, then every change, until the caller leaves or
+        this instance shuts down (UNAVAILABLE)."""
+        runtime = self._runtime
+        snapshot = runtime.current
+        telemetry = snapshot.telemetry
+        backend = snapshot.store.backend
+        started = time.perf_counter()
+        try:
+            access = snapshot.access
+            caller = OPEN if access is None else access.caller(context)
+            keys = _lock_keys(request.locks)
+            service = _name("service", request.service) if request.service else None
+            if not keys and service is None:
+                raise InvalidArgument("locks", "name at least one lock, or a service")
+            resume = _resume(request.resume)
+            caller.allow_all(keys, READ, "watch")
+            if service is not None:
+                caller.allow_service(service, READ, "watch")
+
+            def allowed(key: LockKey) -> bool:
+                # The rules in force now: a reload that takes `read` away stops reports.
+                now = runtime.current.access
+                return now is None or (
+                    caller.audited and now.rules.allows(caller.identity, key, READ)
+                )
+
+            watch = await runtime.watches.open(keys, service, resume, allowed)
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except AccessRefused as exc:
+            result = EXHAUSTED if isinstance(exc, QuotaExceeded) else DENIED
+            telemetry.count("watch", result, backend, started)
+            await _refused(self._log, context, "watch", exc)
+        except WatchClosed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        except StoreUnavailable as exc:
+            telemetry.store_error("watch", backend)
+            telemetry.count("watch", ERROR, backend, started)
+            self._log.log("WARNING", f"{backend} failed", "store call failed: {}", exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except NotImplementedError as exc:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(exc))
+        telemetry.count("watch", "opened", backend, started)
+        try:
+            async for change in watch.changes():
+                yield _leader_change(change)
+        except WatchClosed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        finally:
+            runtime.watches.leave(watch)

@@ -3,6 +3,7 @@
 from quorum_quest.stores.base import (
     Acquisition,
     Holder,
+    LockChange,
     LockKey,
     LockStore,
     Renewal,
@@ -13,6 +14,7 @@ from quorum_quest.stores.registry import UnknownBackend, available, register_sto
 __all__ = [
     "Acquisition",
     "Holder",
+    "LockChange",
     "LockKey",
     "LockStore",
     "Renewal",

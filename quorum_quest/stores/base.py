@@ -17,6 +17,12 @@ Where several service instances share a backend the grace period is recorded in
 the backend, so all of them refuse alike. With `grace_ms == 0` the loss is still
 detected and logged, but nothing is refused. `GracePeriod` keeps a store's account
 of it.
+
+The leadership watch (`quorum_quest.server.watch`) reads stores through three more
+methods: a store that can tell every grant and release, through any service instance,
+sets `tells_changes` and implements `follow`; the others are polled with `get_leaders`.
+`leaders` lists a service's held locks, where the backend can (a watch of a whole service
+needs it). None of them changes lock state.
 """
 
 from __future__ import annotations
@@ -84,6 +90,20 @@ class Holder:
     client_id: str
     token: int
     remaining_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LockChange:
+    """A grant or a release, as a store that tells changes (`LockStore.follow`) reports it.
+
+    A grant names the new holder, its fencing token and lease (`ttl_ms`); a release has
+    `holder == ""` and the token of the lease it ended. A renewal is no change.
+    """
+
+    key: LockKey
+    holder: str
+    token: int
+    ttl_ms: int = 0
 
 
 class GracePeriod:
@@ -287,3 +307,48 @@ class LockStore(ABC):
     @abstractmethod
     async def get_leader(self, key: LockKey) -> Holder | None:
         """The live holder of the lock, or None when it is free."""
+
+    # -- what the leadership watch reads (quorum_quest.server.watch) ---------------------
+
+    #: Whether `follow` tells of every grant and release, through any service instance
+    #: sharing the backend. The watch polls a store that does not, every
+    #: `server.watchInterval` seconds.
+    tells_changes: ClassVar[bool] = False
+
+    async def follow(
+        self, changed: Callable[[LockChange], None], synced: Callable[[], None]
+    ) -> None:
+        """Until cancelled: call `changed` with every grant and release of any lock.
+
+        `synced()` is called once the store listens, and again after a lapse in which
+        changes may have been missed (a lost connection): the reader then reads what it
+        follows afresh. Expiry is not told: the reader reads the lock again at its lease
+        end. Only a store with `tells_changes` implements it.
+        """
+        raise NotImplementedError(f"the {self.backend} store does not tell changes")
+
+    async def get_leaders(self, keys: Sequence[LockKey]) -> list[Holder | None]:
+        """`get_leader` of each of `keys`, in the same order. This default runs them
+        concurrently, at most `KEEP_ALIVE_MANY_CONCURRENCY` at a time."""
+        holders: list[Holder | None] = [None] * len(keys)
+        pending = iter(enumerate(keys))
+
+        async def read_next() -> None:
+            for index, key in pending:
+                holders[index] = await self.get_leader(key)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(KEEP_ALIVE_MANY_CONCURRENCY, len(keys))):
+                    group.create_task(read_next())
+        except ExceptionGroup as failures:
+            raise failures.exceptions[0] from None
+        return holders
+
+    async def leaders(self, service: str) -> dict[LockKey, Holder]:
+        """The live holder of every held lock of `service` (every domain).
+
+        A store that cannot list a service's locks (the default) raises
+        `NotImplementedError`: watching a whole service is then refused.
+        """
+        raise NotImplementedError(f"the {self.backend} store cannot list the locks of a service")

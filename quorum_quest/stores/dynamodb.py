@@ -109,7 +109,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import aioboto3
 import aiohttp
@@ -117,6 +117,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    EndpointConnectionError,
     HTTPClientError,
     NoCredentialsError,
     NoRegionError,
@@ -468,6 +469,10 @@ class DynamoStore(LockStore):
                 problem = str(exc)
             except TimeoutError:
                 problem = f"no answer before the {budget:g} s deadline"
+            except EndpointConnectionError as exc:  # its text repeats the endpoint
+                raise StoreUnavailable(
+                    self.backend, f"{self._where}: {operation}: {_cannot_connect(exc)}"
+                ) from exc
             except (BotoCoreError, OSError) as exc:
                 raise StoreUnavailable(self.backend, f"{self._where}: {operation}: {exc}") from exc
             pause = random.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempts))
@@ -764,6 +769,37 @@ class DynamoStore(LockStore):
         )
         return released
 
+    async def leaders(self, service: str) -> dict[LockKey, Holder]:
+        """The held locks of `service`: a strongly consistent Scan of the table, filtered
+        to the service's items. DynamoDB has no index by service, so this reads every
+        item (1 read unit per 4 KB scanned): the leadership watch does it when a stream
+        of a whole service starts, and then every `server.watchInterval`; on a large
+        table, watch locks by name instead."""
+        now = _now_ms()
+        prefix = f"lock:{quote(service, safe='')}:"
+        held: dict[LockKey, Holder] = {}
+        params: dict[str, Any] = {
+            "TableName": self.settings.table,
+            "ConsistentRead": True,
+            "FilterExpression": "begins_with(#pk, :prefix) AND #expires > :now",
+            "ProjectionExpression": "#pk, #holder, #expires, #token",
+            "ExpressionAttributeNames": {**_NAMES, "#pk": KEY},
+            "ExpressionAttributeValues": {":prefix": {"S": prefix}, ":now": {"N": str(now)}},
+        }
+        while True:
+            answer = await self._call("scan", **params)
+            for item in answer.get("Items", ()):
+                lease = _Lease.of(item)
+                if lease.holder is None:
+                    continue
+                domain = unquote(item[KEY]["S"][len(prefix) :], errors="strict")
+                held[LockKey(service, domain)] = Holder(
+                    lease.holder, lease.token, lease.remaining_ms(now)
+                )
+            if "LastEvaluatedKey" not in answer:
+                return held
+            params["ExclusiveStartKey"] = answer["LastEvaluatedKey"]
+
     async def get_leader(self, key: LockKey) -> Holder | None:
         lease = _Lease.of(await self._read(lock_item_key(key), self._deadline()))
         now = _now_ms()
@@ -803,6 +839,13 @@ def _now_us() -> int:
 
 def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _cannot_connect(exc: EndpointConnectionError) -> str:
+    """Why the endpoint could not be reached, without its address (named already)."""
+    error = exc.kwargs.get("error")
+    code = getattr(getattr(error, "os_error", error), "errno", None)
+    return f"cannot connect: {os.strerror(code)}" if isinstance(code, int) else "cannot connect"
 
 
 def _error_of(exc: ClientError) -> tuple[str, str]:

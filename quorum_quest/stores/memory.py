@@ -9,12 +9,16 @@ A new store cannot know whether a previous process had granted leases that are
 still believed in, so `start()` always begins the state-loss grace period. A closed
 store (swapped out by a reload) answers every call with `StoreUnavailable`: its leases
 are gone for the service, so it must never grant or renew one again.
+
+The leadership watch hears every grant and release as it happens (`follow`, called
+inside the operation, so in order); expiry it finds by reading a lock at its lease end.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from loguru import logger
@@ -24,6 +28,7 @@ from quorum_quest.stores.base import (
     Acquisition,
     GracePeriod,
     Holder,
+    LockChange,
     LockKey,
     LockStore,
     Renewal,
@@ -43,6 +48,7 @@ class _Lease:
 class MemoryStore(LockStore):
     backend = "memory"
     settings_model = StoreSettings
+    tells_changes = True
 
     def __init__(self, settings: StoreSettings, *, grace_ms: int = 0) -> None:
         super().__init__(settings, grace_ms=grace_ms)
@@ -54,6 +60,7 @@ class MemoryStore(LockStore):
         self._next_sweep = 0.0
         self._grace = GracePeriod(self.backend)
         self._closed = False
+        self._followers: list[Callable[[LockChange], None]] = []
 
     async def start(self) -> None:
         self._grace.begin(self.grace_ms)
@@ -107,6 +114,7 @@ class MemoryStore(LockStore):
             self._last_token += 1
             lease = _Lease(client_id, self._last_token, now + ttl_ms / 1000)
             self._leases[key] = lease
+            self._tell(LockChange(key, client_id, lease.token, ttl_ms))
             return Acquisition(True, client_id, lease.token, ttl_ms)
         if lease.holder == client_id:
             lease.deadline = now + ttl_ms / 1000
@@ -139,7 +147,38 @@ class MemoryStore(LockStore):
         if lease is None or lease.holder != client_id or token not in (0, lease.token):
             return False
         del self._leases[key]
+        self._tell(LockChange(key, "", lease.token))
         return True
+
+    def _tell(self, change: LockChange) -> None:
+        for changed in self._followers:
+            try:
+                changed(change)
+            except Exception:  # a reader's failure must never fail the operation
+                logger.exception("memory store: telling a watcher of {} failed", change.key)
+
+    async def follow(
+        self, changed: Callable[[LockChange], None], synced: Callable[[], None]
+    ) -> None:
+        self._open()
+        self._followers.append(changed)
+        try:
+            synced()
+            await asyncio.Event().wait()  # until cancelled
+        finally:
+            self._followers.remove(changed)
+
+    async def get_leaders(self, keys: Sequence[LockKey]) -> list[Holder | None]:
+        return [await self.get_leader(key) for key in keys]
+
+    async def leaders(self, service: str) -> dict[LockKey, Holder]:
+        self._open()
+        now = time.monotonic()
+        return {
+            key: Holder(lease.holder, lease.token, _remaining_ms(lease, now))
+            for key, lease in self._leases.items()
+            if key.service == service and lease.deadline > now
+        }
 
     async def get_leader(self, key: LockKey) -> Holder | None:
         self._open()

@@ -170,6 +170,8 @@ _STATEMENTS = {
     + _KEY
     + " IF holder = ? AND fencing_token = ? AND expires_at > ?",
     "read": "SELECT holder, expires_at, fencing_token FROM {table} " + _KEY,
+    # Every row, a page at a time: the table has no index by service (see `leaders`).
+    "scan": "SELECT service, domain, holder, expires_at, fencing_token FROM {table}",
     "ping": "SELECT release_version FROM system.local",
     # The state marker never expires: TTL 0 also overrides a default_time_to_live.
     "marker": "INSERT INTO {table} (service, domain, holder, expires_at, fencing_token) "
@@ -183,6 +185,8 @@ MAX_IDLE_RETENTION_S = 365 * 24 * 3600
 # How many (lock, client) -> token hints an instance keeps for `keep_alive`.
 TOKEN_HINTS = 10_000
 RECONNECT_DELAY_MS = 500
+# Rows per page of the scan behind `leaders`.
+SCAN_PAGE_ROWS = 1_000
 # Preparing a statement on a table another instance is creating: tries, and the pause.
 PREPARE_ATTEMPTS = 10
 PREPARE_RETRY_S = 0.5
@@ -739,6 +743,34 @@ class ScyllaStore(LockStore):
         if applied:
             self._hint(key, client_id, None)
         return applied
+
+    async def leaders(self, service: str) -> dict[LockKey, Holder]:
+        """The held locks of `service`, from a scan of the whole table a page at a time
+        at `consistency`, filtered here: the table's partition key is the pair (service,
+        domain), so nothing narrower can be asked for. The leadership watch scans when a
+        stream of a whole service starts and then every `server.watchInterval`; on a large
+        table, watch locks by name instead."""
+        held: dict[LockKey, Holder] = {}
+        page_state: bytes | None = None
+        while True:
+            statement = self._statements["scan"].bind(
+                page_size=SCAN_PAGE_ROWS, page_state=page_state, consistency=self._write_cl
+            )
+            result = await self._execute("leaders", statement)
+            now_ms = _now_ms()
+            for found in result.all():
+                row = found.as_dict()
+                if row["service"] != service:
+                    continue
+                lease = _Row(row["holder"], row["expires_at"], row["fencing_token"])
+                if lease.live(now_ms):
+                    assert lease.holder is not None and lease.expires_at is not None
+                    held[LockKey(service, row["domain"])] = Holder(
+                        lease.holder, lease.token or 0, max(0, lease.expires_at - now_ms)
+                    )
+            if not result.has_more_pages():
+                return held
+            page_state = result.page_state()
 
     async def get_leader(self, key: LockKey) -> Holder | None:
         row = await self._read("get_leader", key)

@@ -26,6 +26,8 @@ SCALARS = {
 def _value(field: FieldDescriptor) -> Any:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         return _filled(field.message_type)
+    if field.type == FieldDescriptor.TYPE_ENUM:  # the highest value: the last one added
+        return max(value.number for value in field.enum_type.values)
     return SCALARS[field.type]
 
 

@@ -12,26 +12,91 @@ __all__ = (
     "KeepAliveManyResponse",
     "KeepAliveRequest",
     "KeepAliveResponse",
+    "LeaderChange",
+    "LeaderChangeKind",
     "LeaderElectionServiceStub",
     "LockRef",
+    "LockToken",
     "ReleaseLockRequest",
     "ReleaseLockResponse",
     "TryAcquireLockRequest",
     "TryAcquireLockResponse",
+    "WatchLeadersRequest",
 )
 
 import datetime
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import betterproto2
 import grpc
-from google.protobuf.descriptor import Descriptor
+from google.protobuf.descriptor import Descriptor, EnumDescriptor
 
 from .....google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from .....message_pool import default_message_pool
 
 _COMPILER_VERSION = "0.10.1"
 betterproto2.check_compiler_version(_COMPILER_VERSION)
+
+
+class LeaderChangeKind(betterproto2.Enum):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> EnumDescriptor:
+        return QUORUM_QUEST_API_V1_QUORUM_QUEST_API_PROTO_DESCRIPTOR.enum_types_by_name[
+            "LeaderChange.Kind"
+        ]
+
+    UNSPECIFIED = 0
+
+    CURRENT = 1
+    """
+    The state when the stream started (or resumed): sent once per watched lock
+    (for a service, once per lock held then).
+    """
+
+    GRANTED = 2
+    """
+    A new lease: client_id and fencing_token name the new holder.
+    """
+
+    RELEASED = 3
+    """
+    The holder released the lock; it is free.
+    """
+
+    EXPIRED = 4
+    """
+    The holder's lease ran out without a renewal; the lock is free.
+    """
+
+    LOST = 5
+    """
+    The store lost its lock state, or was replaced by a configuration reload: no
+    holder can be trusted until the grace period ends; the lock counts as free.
+    """
+
+    @classmethod
+    def betterproto_value_to_renamed_proto_names(cls) -> dict[int, str]:
+        return {
+            0: "KIND_UNSPECIFIED",
+            1: "KIND_CURRENT",
+            2: "KIND_GRANTED",
+            3: "KIND_RELEASED",
+            4: "KIND_EXPIRED",
+            5: "KIND_LOST",
+        }
+
+    @classmethod
+    def betterproto_renamed_proto_names_to_value(cls) -> dict[str, int]:
+        return {
+            "KIND_UNSPECIFIED": 0,
+            "KIND_CURRENT": 1,
+            "KIND_GRANTED": 2,
+            "KIND_RELEASED": 3,
+            "KIND_EXPIRED": 4,
+            "KIND_LOST": 5,
+        }
 
 
 @dataclass(eq=False, repr=False)
@@ -249,6 +314,50 @@ default_message_pool.register_message("quorum.quest.api.v1", "KeepAliveResponse"
 
 
 @dataclass(eq=False, repr=False)
+class LeaderChange(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return QUORUM_QUEST_API_V1_QUORUM_QUEST_API_PROTO_DESCRIPTOR.message_types_by_name[
+            "LeaderChange"
+        ]
+
+    service: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    domain: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    kind: "LeaderChangeKind" = betterproto2.field(
+        3, betterproto2.TYPE_ENUM, default_factory=lambda: LeaderChangeKind(0)
+    )
+
+    client_id: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    The holder after this change; empty when the lock is free.
+    """
+
+    fencing_token: "int" = betterproto2.field(5, betterproto2.TYPE_UINT64)
+    """
+    The holder's fencing token; 0 when the lock is free.
+    """
+
+    remaining: "datetime.timedelta | None" = betterproto2.field(
+        6, betterproto2.TYPE_MESSAGE, unwrap=lambda: ____google__protobuf__.Duration, optional=True
+    )
+    """
+    What was left of the holder's lease when the change was sent (0 when free).
+    """
+
+    gap: "bool" = betterproto2.field(7, betterproto2.TYPE_BOOL)
+    """
+    Changes of this lock may have been missed (a slow reader, a lost notification,
+    a resumed stream): take this message as the lock's whole state, not a step.
+    """
+
+
+default_message_pool.register_message("quorum.quest.api.v1", "LeaderChange", LeaderChange)
+
+
+@dataclass(eq=False, repr=False)
 class LockRef(betterproto2.Message):
     """
     A lock's name, as the other requests carry it.
@@ -267,6 +376,29 @@ class LockRef(betterproto2.Message):
 
 
 default_message_pool.register_message("quorum.quest.api.v1", "LockRef", LockRef)
+
+
+@dataclass(eq=False, repr=False)
+class LockToken(betterproto2.Message):
+    """
+    A lock and the fencing token its watcher saw last (0: it saw the lock free).
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return QUORUM_QUEST_API_V1_QUORUM_QUEST_API_PROTO_DESCRIPTOR.message_types_by_name[
+            "LockToken"
+        ]
+
+    service: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    domain: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    fencing_token: "int" = betterproto2.field(3, betterproto2.TYPE_UINT64)
+
+
+default_message_pool.register_message("quorum.quest.api.v1", "LockToken", LockToken)
 
 
 @dataclass(eq=False, repr=False)
@@ -401,6 +533,39 @@ default_message_pool.register_message(
 )
 
 
+@dataclass(eq=False, repr=False)
+class WatchLeadersRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return QUORUM_QUEST_API_V1_QUORUM_QUEST_API_PROTO_DESCRIPTOR.message_types_by_name[
+            "WatchLeadersRequest"
+        ]
+
+    locks: "list[LockRef]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    The locks to follow, at most 10,000.
+    """
+
+    service: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    When set, also follow every lock of this service (every domain): the stream
+    starts with the locks held now and then reports each change of any of them.
+    """
+
+    resume: "list[LockToken]" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    Resuming a stream: the last fencing token seen per lock. A lock whose holder
+    still has that token is reported CURRENT with gap unset; anything newer (a new
+    holder, or the lock free now) is reported with gap set.
+    """
+
+
+default_message_pool.register_message(
+    "quorum.quest.api.v1", "WatchLeadersRequest", WatchLeadersRequest
+)
+
+
 class LeaderElectionServiceStub:
     """
     Leases on named locks. A lock is the pair (service, domain); its holder is
@@ -483,9 +648,25 @@ class LeaderElectionServiceStub:
             KeepAliveManyResponse.FromString,
         )(message)
 
+    def watch_leaders(self, message: "WatchLeadersRequest") -> "Iterator[LeaderChange]":
+        """
+        Follow who holds locks: first the current holder of each watched lock (kind
+        CURRENT), then every change (GRANTED, RELEASED, EXPIRED, LOST), one message per
+        lock and change. A slow reader is sent the latest state of each lock, with `gap`
+        set where changes were skipped. The stream ends with UNAVAILABLE when the service
+        instance shuts down: resume on any instance, passing the tokens last seen in
+        `resume`. Needs `read` on every lock it reports (auth on).
+        """
+
+        yield from self._channel.unary_stream(
+            "/quorum.quest.api.v1.LeaderElectionService/WatchLeaders",
+            WatchLeadersRequest.SerializeToString,
+            LeaderChange.FromString,
+        )(message)
+
 
 from .....google import protobuf as ____google__protobuf__
 
 QUORUM_QUEST_API_V1_QUORUM_QUEST_API_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n*quorum/quest/api/v1/quorum_quest_api.proto\x12\x13quorum.quest.api.v1\x1a\x1egoogle/protobuf/duration.proto"\xa8\x01\n\x15TryAcquireLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs\x12\x17\n\x07wait_ms\x18\x06 \x01(\rR\x06waitMs"\xe8\x01\n\x16TryAcquireLockResponse\x12\x1b\n\tis_leader\x18\x01 \x01(\x08R\x08isLeader\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken\x12<\n\x0clease_length\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12\x1b\n\tleader_id\x18\x04 \x01(\tR\x08leaderId\x121\n\x06waited\x18\x05 \x01(\x0b2\x19.google.protobuf.DurationR\x06waited"\x88\x01\n\x12ReleaseLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x04 \x01(\x04R\x0cfencingToken"1\n\x13ReleaseLockResponse\x12\x1a\n\x08released\x18\x01 \x01(\x08R\x08released"\x8a\x01\n\x10KeepAliveRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs"v\n\x11KeepAliveResponse\x12<\n\x0clease_length\x18\x01 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken"D\n\x10GetLeaderRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain"\xf1\x01\n\x11GetLeaderResponse\x12\x1d\n\nhas_leader\x18\x01 \x01(\x08R\thasLeader\x12\x1b\n\tclient_id\x18\x02 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x03 \x01(\x04R\x0cfencingToken\x127\n\tremaining\x18\x04 \x01(\x0b2\x19.google.protobuf.DurationR\tremaining\x12B\n\x0fgrace_remaining\x18\x05 \x01(\x0b2\x19.google.protobuf.DurationR\x0egraceRemaining"\x12\n\x10GetStatusRequest"\xa9\x02\n\x11GetStatusResponse\x12\x18\n\x07version\x18\x01 \x01(\tR\x07version\x12\x18\n\x07backend\x18\x02 \x01(\tR\x07backend\x121\n\x06uptime\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x06uptime\x12\x1f\n\x0bheld_leases\x18\x04 \x01(\x04R\nheldLeases\x12\x1f\n\x0blast_reload\x18\x05 \x01(\tR\nlastReload\x12\'\n\x0fstore_reachable\x18\x06 \x01(\x08R\x0estoreReachable\x12B\n\x0fgrace_remaining\x18\x07 \x01(\x0b2\x19.google.protobuf.DurationR\x0egraceRemaining";\n\x07LockRef\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain"\x90\x01\n\x14KeepAliveManyRequest\x12\x1b\n\tclient_id\x18\x01 \x01(\tR\x08clientId\x122\n\x05locks\x18\x02 \x03(\x0b2\x1c.quorum.quest.api.v1.LockRefR\x05locks\x12\x10\n\x03ttl\x18\x03 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x04 \x01(\rR\x05ttlMs"|\n\x15KeepAliveManyResponse\x12<\n\x0clease_length\x18\x01 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12%\n\x0efencing_tokens\x18\x02 \x03(\x04R\rfencingTokens2\xe0\x04\n\x15LeaderElectionService\x12i\n\x0eTryAcquireLock\x12*.quorum.quest.api.v1.TryAcquireLockRequest\x1a+.quorum.quest.api.v1.TryAcquireLockResponse\x12`\n\x0bReleaseLock\x12\'.quorum.quest.api.v1.ReleaseLockRequest\x1a(.quorum.quest.api.v1.ReleaseLockResponse\x12Z\n\tKeepAlive\x12%.quorum.quest.api.v1.KeepAliveRequest\x1a&.quorum.quest.api.v1.KeepAliveResponse\x12Z\n\tGetLeader\x12%.quorum.quest.api.v1.GetLeaderRequest\x1a&.quorum.quest.api.v1.GetLeaderResponse\x12Z\n\tGetStatus\x12%.quorum.quest.api.v1.GetStatusRequest\x1a&.quorum.quest.api.v1.GetStatusResponse\x12f\n\rKeepAliveMany\x12).quorum.quest.api.v1.KeepAliveManyRequest\x1a*.quorum.quest.api.v1.KeepAliveManyResponseB3Z1github.com/avivl/quorum-quest/api/gen/go/v1;apiv1b\x06proto3'
+    b'\n*quorum/quest/api/v1/quorum_quest_api.proto\x12\x13quorum.quest.api.v1\x1a\x1egoogle/protobuf/duration.proto"\xa8\x01\n\x15TryAcquireLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs\x12\x17\n\x07wait_ms\x18\x06 \x01(\rR\x06waitMs"\xe8\x01\n\x16TryAcquireLockResponse\x12\x1b\n\tis_leader\x18\x01 \x01(\x08R\x08isLeader\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken\x12<\n\x0clease_length\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12\x1b\n\tleader_id\x18\x04 \x01(\tR\x08leaderId\x121\n\x06waited\x18\x05 \x01(\x0b2\x19.google.protobuf.DurationR\x06waited"\x88\x01\n\x12ReleaseLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x04 \x01(\x04R\x0cfencingToken"1\n\x13ReleaseLockResponse\x12\x1a\n\x08released\x18\x01 \x01(\x08R\x08released"\x8a\x01\n\x10KeepAliveRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs"v\n\x11KeepAliveResponse\x12<\n\x0clease_length\x18\x01 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken"D\n\x10GetLeaderRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain"\xf1\x01\n\x11GetLeaderResponse\x12\x1d\n\nhas_leader\x18\x01 \x01(\x08R\thasLeader\x12\x1b\n\tclient_id\x18\x02 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x03 \x01(\x04R\x0cfencingToken\x127\n\tremaining\x18\x04 \x01(\x0b2\x19.google.protobuf.DurationR\tremaining\x12B\n\x0fgrace_remaining\x18\x05 \x01(\x0b2\x19.google.protobuf.DurationR\x0egraceRemaining"\x12\n\x10GetStatusRequest"\xa9\x02\n\x11GetStatusResponse\x12\x18\n\x07version\x18\x01 \x01(\tR\x07version\x12\x18\n\x07backend\x18\x02 \x01(\tR\x07backend\x121\n\x06uptime\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x06uptime\x12\x1f\n\x0bheld_leases\x18\x04 \x01(\x04R\nheldLeases\x12\x1f\n\x0blast_reload\x18\x05 \x01(\tR\nlastReload\x12\'\n\x0fstore_reachable\x18\x06 \x01(\x08R\x0estoreReachable\x12B\n\x0fgrace_remaining\x18\x07 \x01(\x0b2\x19.google.protobuf.DurationR\x0egraceRemaining";\n\x07LockRef\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain"\x90\x01\n\x14KeepAliveManyRequest\x12\x1b\n\tclient_id\x18\x01 \x01(\tR\x08clientId\x122\n\x05locks\x18\x02 \x03(\x0b2\x1c.quorum.quest.api.v1.LockRefR\x05locks\x12\x10\n\x03ttl\x18\x03 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x04 \x01(\rR\x05ttlMs"|\n\x15KeepAliveManyResponse\x12<\n\x0clease_length\x18\x01 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12%\n\x0efencing_tokens\x18\x02 \x03(\x04R\rfencingTokens"b\n\tLockToken\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12#\n\rfencing_token\x18\x03 \x01(\x04R\x0cfencingToken"\x9b\x01\n\x13WatchLeadersRequest\x122\n\x05locks\x18\x01 \x03(\x0b2\x1c.quorum.quest.api.v1.LockRefR\x05locks\x12\x18\n\x07service\x18\x02 \x01(\tR\x07service\x126\n\x06resume\x18\x03 \x03(\x0b2\x1e.quorum.quest.api.v1.LockTokenR\x06resume"\xfd\x02\n\x0cLeaderChange\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12:\n\x04kind\x18\x03 \x01(\x0e2&.quorum.quest.api.v1.LeaderChange.KindR\x04kind\x12\x1b\n\tclient_id\x18\x04 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x05 \x01(\x04R\x0cfencingToken\x127\n\tremaining\x18\x06 \x01(\x0b2\x19.google.protobuf.DurationR\tremaining\x12\x10\n\x03gap\x18\x07 \x01(\x08R\x03gap"r\n\x04Kind\x12\x12\n\x10KIND_UNSPECIFIED\x12\x10\n\x0cKIND_CURRENT\x10\x01\x12\x10\n\x0cKIND_GRANTED\x10\x02\x12\x11\n\rKIND_RELEASED\x10\x03\x12\x10\n\x0cKIND_EXPIRED\x10\x04\x12\r\n\tKIND_LOST\x10\x052\xbf\x05\n\x15LeaderElectionService\x12i\n\x0eTryAcquireLock\x12*.quorum.quest.api.v1.TryAcquireLockRequest\x1a+.quorum.quest.api.v1.TryAcquireLockResponse\x12`\n\x0bReleaseLock\x12\'.quorum.quest.api.v1.ReleaseLockRequest\x1a(.quorum.quest.api.v1.ReleaseLockResponse\x12Z\n\tKeepAlive\x12%.quorum.quest.api.v1.KeepAliveRequest\x1a&.quorum.quest.api.v1.KeepAliveResponse\x12Z\n\tGetLeader\x12%.quorum.quest.api.v1.GetLeaderRequest\x1a&.quorum.quest.api.v1.GetLeaderResponse\x12Z\n\tGetStatus\x12%.quorum.quest.api.v1.GetStatusRequest\x1a&.quorum.quest.api.v1.GetStatusResponse\x12f\n\rKeepAliveMany\x12).quorum.quest.api.v1.KeepAliveManyRequest\x1a*.quorum.quest.api.v1.KeepAliveManyResponse\x12]\n\x0cWatchLeaders\x12(.quorum.quest.api.v1.WatchLeadersRequest\x1a!.quorum.quest.api.v1.LeaderChange0\x01B3Z1github.com/avivl/quorum-quest/api/gen/go/v1;apiv1b\x06proto3'
 )

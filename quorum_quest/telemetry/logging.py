@@ -8,16 +8,25 @@ What the stream promises operators:
 - a failure that repeats (a store outage, a flood of bad requests) is written once at
   once, then at most once per `SUMMARY_INTERVAL_S` with a count (`ThrottledLog`);
 - a reply grpc could not send because the call had already ended (the caller's deadline
-  passed, or it cancelled) is the caller's business: DEBUG, not an ERROR with a traceback.
+  passed, or it cancelled) is the caller's business: DEBUG, not an ERROR with a traceback;
+- in JSON (`logger.format: json`) a line is one flat object: `time` (UTC, RFC 3339, ms),
+  `level`, `message`, `logger` first, then the record's structured fields at the top
+  level — `service`, `domain`, `client_id` of the lock a line is about, `trace_id` and
+  `span_id` inside a traced call, `identity` and `audit` on audit lines, `exception` with
+  a traceback — each only where the line has it. No file path, thread or process id.
+  (loguru's own `serialize=True` nests all that under `record` beside the text line.)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 from loguru import logger
@@ -29,15 +38,29 @@ from quorum_quest.config.settings import LoggerSettings
 SUMMARY_INTERVAL_S = 10.0
 
 
+# The attributes every `logging.LogRecord` has; any other was passed as `extra=`.
+_BARE_RECORD = logging.LogRecord("", 0, "", 0, "", None, None)
+_STANDARD_ATTRIBUTES = frozenset(_BARE_RECORD.__dict__) | {"message", "asctime", "taskName"}
+
+
 class _ToLoguru(logging.Handler):
-    """Forward a standard `logging` record (grpc, redis, ...) to loguru, under its logger's name."""
+    """Forward a standard `logging` record (grpc, redis, the SDK's `quorum_quest.client`,
+    ...) to loguru, under its logger's name, with its `extra=` fields as structured fields
+    (the interception handler of loguru's documentation)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        named = logger.patch(lambda loguru_record: loguru_record.update(name=record.name))
+        fields = {
+            key: value
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD_ATTRIBUTES and not key.startswith("_")
+        }
+        named = logger.patch(lambda loguru_record: loguru_record.update({"name": record.name}))
+        if fields:
+            named = named.bind(**fields)
         named.opt(exception=record.exc_info).log(level, record.getMessage())
 
 
@@ -95,12 +118,47 @@ def _patch(record: Any) -> None:
         record["extra"]["span_id"] = format(context.span_id, "016x")
 
 
+# A JSON line's keys, in this order, before the record's structured fields.
+_CORE_KEYS = ("time", "level", "message", "logger")
+
+
+def json_line(record: Any) -> str:
+    """`record` as one flat JSON object (see the module's docstring), without newline.
+
+    Non-ASCII is written as `\\uXXXX`, so no character of a field can end the line."""
+    line: dict[str, object] = {
+        "time": record["time"].astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z",
+        "level": record["level"].name,
+        "message": record["message"],
+        "logger": record["name"],
+    }
+    for key, value in record["extra"].items():
+        if key not in _CORE_KEYS and key != _JSON_KEY:
+            line[key] = value
+    exception = record["exception"]
+    if exception is not None and exception.type is not None:
+        line["exception"] = "".join(
+            traceback.format_exception(exception.type, exception.value, exception.traceback)
+        ).rstrip()
+    return json.dumps(line, default=str)
+
+
+_JSON_KEY = "_json_line"
+
+
+def _json_format(record: Any) -> str:
+    # loguru fills the template this returns from the record: the line is put in the
+    # record and the template names it, so no brace of the line is read as a field.
+    record["extra"][_JSON_KEY] = json_line(record)
+    return "{extra[" + _JSON_KEY + "]}\n"
+
+
 def configure_logging(settings: LoggerSettings) -> None:
     """Send every log line to stderr at `settings.level`, as text or JSON lines."""
     logger.remove()
     logger.configure(patcher=_patch)
     if settings.format == "json":
-        logger.add(sys.stderr, level=settings.level, serialize=True)
+        logger.add(sys.stderr, level=settings.level, format=_json_format, colorize=False)
     else:
         logger.add(sys.stderr, level=settings.level, format=TEXT_FORMAT, colorize=None)
     logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)
@@ -170,7 +228,7 @@ class ThrottledLog:
     def _summarise(self, repeats: _Repeats, now: float) -> None:
         message, args = repeats.last
         times = f"{repeats.count} time{'s' if repeats.count > 1 else ''}"
-        bound = logger.bind(**repeats.fields, repeats=repeats.count) if repeats.fields else logger
+        bound = logger.bind(**(repeats.fields or {}), repeats=repeats.count)
         bound.log(
             repeats.level,
             f"{message} ({times} in the last {round(now - repeats.since, 1):g} s)",

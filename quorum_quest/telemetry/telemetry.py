@@ -1,9 +1,18 @@
 """Traces and metrics for one observability configuration, cheap when switched off.
 
 A `Telemetry` is built from `observability:` settings and replaced whole when a
-reload changes them. Per call the service does two things: `count()` — a dict
-increment, read by observable counters only when metrics are collected — and,
-when metrics are exported, one histogram record. Spans exist only when an OTLP
+reload changes them. What it promises an operator:
+
+- every call is counted, and while metrics are exported every call's latency is
+  recorded (no sampling: each operation's histogram count is its number of calls), in
+  explicit buckets from 100 µs to 60 s (see `quorum_quest.telemetry.latency`);
+- every (operation, result) pair a call can end in, and every store error series, is
+  present at zero for the store in use from the start: a rate or an alert on a series
+  works before its first event.
+
+Per call the service does two things: `count()` — a dict increment, read by
+observable counters only when metrics are collected — and, when metrics are exported,
+one histogram record (a bisect and three additions). Spans exist only when an OTLP
 endpoint is configured, and then only for the sampled share of traces.
 """
 
@@ -12,7 +21,6 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, NoOpMeterProvider, Observation
@@ -21,10 +29,11 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from prometheus_client import CollectorRegistry
 
 from quorum_quest.config.settings import ObservabilitySettings
+from quorum_quest.telemetry.latency import AddsLatency, LatencyHistogram
 
 SCOPE = "quorum_quest"
 
@@ -38,11 +47,23 @@ ACQUIRED, HELD_BY_OTHER, RENEWED, NOT_HOLDER, RELEASED, ERROR, GRACE_PERIOD = (
     "error",
     "grace_period",
 )
+# GetLeader's results besides GRACE_PERIOD and ERROR; a WatchLeaders stream's.
+HELD, FREE, OPENED = "held", "free", "opened"
 # Calls refused for who made them: UNAUTHENTICATED or PERMISSION_DENIED, and
 # RESOURCE_EXHAUSTED by a quota.
 DENIED, EXHAUSTED = "denied", "quota_exceeded"
 
-LATENCY_SAMPLE_EVERY = 8
+# Every result each lock operation can end in: its counters start at zero.
+_REFUSED = (ERROR, DENIED, EXHAUSTED)
+RESULTS: dict[str, tuple[str, ...]] = {
+    "acquire": (ACQUIRED, RENEWED, HELD_BY_OTHER, GRACE_PERIOD, *_REFUSED),
+    "keep_alive": (RENEWED, NOT_HOLDER, *_REFUSED),
+    "keep_alive_many": (RENEWED, NOT_HOLDER, *_REFUSED),
+    "release": (RELEASED, NOT_HOLDER, *_REFUSED),
+    "get_leader": (HELD, FREE, GRACE_PERIOD, *_REFUSED),
+    "watch": (OPENED, *_REFUSED),  # WatchLeaders: counted once, when the stream opens
+}
+RELOAD_RESULTS = ("applied", "rejected")
 
 # The reload counter and the held-lease gauge read state that outlives a Telemetry.
 ReloadCounts = Callable[[], dict[str, int]]
@@ -67,7 +88,6 @@ class Telemetry:
         self._grace_left = grace_left
         self._reloads = reloads
         self._operations: Counter[tuple[str, str, str]] = Counter()
-        self._calls = 0
         self._store_errors: Counter[tuple[str, str]] = Counter()
         resource = Resource.create(
             {
@@ -80,14 +100,10 @@ class Telemetry:
         self.tracing = self._tracer_provider is not None
         provider = self._tracer_provider or trace.NoOpTracerProvider()
         self.tracer = provider.get_tracer(SCOPE)
-        self._meter_provider = self._metrics(settings, resource, prometheus)
+        self._latency = LatencyHistogram(SCOPE)
+        self._meter_provider = self._metrics(settings, resource, prometheus, self._latency)
         self.metrics = self._meter_provider is not None
         meter = (self._meter_provider or NoOpMeterProvider()).get_meter(SCOPE)
-        self._duration = meter.create_histogram(
-            "quorum_quest.lock.operation.duration",
-            unit="s",
-            description="time to serve a lock operation, store call included (1 call in 8)",
-        )
         meter.create_observable_counter(
             "quorum_quest.lock.operations",
             callbacks=[self._observe_operations],
@@ -125,35 +141,46 @@ class Telemetry:
             return None
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider = TracerProvider(
-            resource=resource, sampler=ParentBased(TraceIdRatioBased(settings.traceSampleRatio))
-        )
+        # Which calls are traced is decided before a span starts, by the server's
+        # `TracingInterceptor` (quorum_quest.telemetry.tracing): the spans it starts are
+        # all recorded, and so are their children.
+        provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
         exporter = OTLPSpanExporter(endpoint=settings.otelEndpoint, insecure=settings.otelInsecure)
         provider.add_span_processor(BatchSpanProcessor(exporter))
         return provider
 
     @staticmethod
     def _metrics(
-        settings: ObservabilitySettings, resource: Resource, prometheus: CollectorRegistry | None
+        settings: ObservabilitySettings,
+        resource: Resource,
+        prometheus: CollectorRegistry | None,
+        latency: LatencyHistogram,
     ) -> MeterProvider | None:
         readers: list[MetricReader] = []
         if settings.otelEndpoint:
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
+            class OtlpReader(AddsLatency, PeriodicExportingMetricReader):
+                pass
+
             exporter = OTLPMetricExporter(
                 endpoint=settings.otelEndpoint, insecure=settings.otelInsecure
             )
             readers.append(
-                PeriodicExportingMetricReader(
-                    exporter, export_interval_millis=settings.metricsInterval * 1000
-                )
+                OtlpReader(exporter, export_interval_millis=settings.metricsInterval * 1000)
             )
         if prometheus is not None:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
-            readers.append(PrometheusMetricReader(registry=prometheus))
+            class PrometheusReader(AddsLatency, PrometheusMetricReader):
+                pass
+
+            readers.append(PrometheusReader(registry=prometheus))
         if not readers:
             return None
+        for reader in readers:
+            assert isinstance(reader, AddsLatency)
+            reader.latency, reader.resource = latency, resource
         return MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=False)
 
     # -- per call ---------------------------------------------------------------------
@@ -162,23 +189,25 @@ class Telemetry:
         self, operation: str, result: str, backend: str, started: float, locks: int = 1
     ) -> None:
         """Record a finished call that began at `started` (perf_counter) and ended
-        `locks` lock operations (a batch counts each lock, its latency once).
+        `locks` lock operations (a batch counts each lock, its latency once per result).
 
-        Every call is counted; the latency of one call in `LATENCY_SAMPLE_EVERY` is
-        recorded, since a histogram record costs about as much as the rest of the
-        bookkeeping together and a sample shows the same distribution.
+        Every call's latency is recorded. (It once was 1 call in 8, by one modulo counter
+        over all operations, to spare the SDK's costly record: an acquire/release loop
+        then recorded only releases.)
         """
         self._operations[operation, result, backend] += locks
         if self.metrics:
-            self._calls += 1
-            if self._calls % LATENCY_SAMPLE_EVERY == 0:
-                self._duration.record(
-                    time.perf_counter() - started,
-                    {"operation": operation, "result": result, "backend": backend},
-                )
+            self._latency.record((operation, result, backend), time.perf_counter() - started)
 
     def store_error(self, operation: str, backend: str) -> None:
         self._store_errors[backend, operation] += 1
+
+    def expect_backend(self, backend: str) -> None:
+        """Put every counter series of `backend` in place at zero, before its first call."""
+        for operation, results in RESULTS.items():
+            for result in results:
+                self._operations.setdefault((operation, result, backend), 0)
+            self._store_errors.setdefault((backend, operation), 0)
 
     # -- read at collection time ----------------------------------------------------------
 
@@ -191,7 +220,8 @@ class Telemetry:
             yield Observation(value, {"backend": backend, "operation": operation})
 
     def _observe_reloads(self, options: CallbackOptions) -> Iterable[Observation]:
-        for result, value in self._reloads().items():
+        reloads = dict.fromkeys(RELOAD_RESULTS, 0) | self._reloads()
+        for result, value in reloads.items():
             yield Observation(value, {"result": result})
 
     def _observe_held(self, options: CallbackOptions) -> Iterable[Observation]:
@@ -207,6 +237,7 @@ class Telemetry:
         """Keep counting from where `previous` stopped, so counters never go back."""
         self._operations.update(previous._operations)
         self._store_errors.update(previous._store_errors)
+        self._latency.carry_from(previous._latency)
 
     def shutdown(self) -> None:
         """Flush what is buffered and stop exporting."""
@@ -214,28 +245,3 @@ class Telemetry:
             self._tracer_provider.shutdown()
         if self._meter_provider is not None:
             self._meter_provider.shutdown()
-
-
-class CurrentTracer(trace.Tracer):
-    """A tracer that always starts spans on the tracer of the telemetry now in force.
-
-    The gRPC server interceptor is installed once, at start; through this tracer it
-    follows every reload of the observability settings.
-    """
-
-    def __init__(self, current: Callable[[], Telemetry]) -> None:
-        self._current = current
-
-    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
-        return self._current().tracer.start_span(*args, **kwargs)
-
-    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
-        return self._current().tracer.start_as_current_span(*args, **kwargs)
-
-
-class CurrentTracerProvider(trace.TracerProvider):
-    def __init__(self, current: Callable[[], Telemetry]) -> None:
-        self._tracer = CurrentTracer(current)
-
-    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
-        return self._tracer

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
@@ -21,8 +23,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from quorum_quest import QuorumQuestClient
 from quorum_quest._rpc import LeaderElectionStub, pb
+from quorum_quest.config.settings import LoggerSettings
 from quorum_quest.server import running_server
-from quorum_quest.telemetry.telemetry import LATENCY_SAMPLE_EVERY
+from quorum_quest.telemetry.latency import LATENCY_BUCKETS_S
+from quorum_quest.telemetry.logging import configure_logging
 from tests.backends import free_port
 from tests.conftest import make_settings
 
@@ -75,6 +79,10 @@ def client_spans() -> InMemorySpanExporter:
     return exporter
 
 
+DURATION = "quorum_quest.lock.operation.duration"
+REFRESHES = 3
+
+
 def attributes(span_or_point) -> dict[str, object]:
     return {
         kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in span_or_point.attributes
@@ -95,7 +103,7 @@ async def test_acquire_delivers_linked_spans_and_counters(receiver, client_spans
         client = QuorumQuestClient("svc", uuid.uuid4().hex, 5, f"127.0.0.1:{server.port}")
         async with client:
             assert await client.try_acquire_lock()
-            for _ in range(LATENCY_SAMPLE_EVERY):  # refreshes, so some latency is sampled
+            for _ in range(REFRESHES):
                 assert await client.try_acquire_lock()
     # Stopping the server flushed its spans and metrics.
     client_span = next(s for s in client_spans.get_finished_spans() if "TryAcquireLock" in s.name)
@@ -117,27 +125,78 @@ async def test_acquire_delivers_linked_spans_and_counters(receiver, client_spans
     points = [attributes(p) | {"value": p.as_int} for m in operations for p in m.sum.data_points]
     assert {"operation": "acquire", "result": "acquired", "backend": "memory", "value": 1} in points
     refreshed = {"operation": "acquire", "result": "renewed", "backend": "memory"}
-    assert refreshed | {"value": LATENCY_SAMPLE_EVERY} in points
+    assert refreshed | {"value": REFRESHES} in points
     assert {"operation": "release", "result": "released", "backend": "memory", "value": 1} in points
-    durations = collector.metric("quorum_quest.lock.operation.duration")
-    assert any(p.count >= 1 for m in durations for p in m.histogram.data_points)
+    # Present from the start, so at zero in the last export: a result no call had.
+    assert {"operation": "acquire", "result": "held_by_other", "backend": "memory", "value": 0} in (
+        points
+    )
+    # Every call's latency, in buckets of seconds (cumulative: the last export has all).
+    durations = [p for m in collector.metric(DURATION) for p in m.histogram.data_points]
+    assert all(list(p.explicit_bounds) == list(LATENCY_BUCKETS_S) for p in durations)
+    counts: dict[str, int] = {}
+    for point in durations:
+        result = str(attributes(point)["result"])
+        counts[result] = max(counts.get(result, 0), point.count)
+    assert counts == {"acquired": 1, "renewed": REFRESHES, "released": 1}
     held = collector.metric("quorum_quest.leases.held")
     assert held and all(p.as_int in (0, 1) for m in held for p in m.gauge.data_points)
 
 
-async def test_prometheus_endpoint_serves_the_counters() -> None:
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        return answer.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample `name` whose labels include `labels`, or None."""
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line[: line.rindex("}")]))
+            if labels.items() <= found.items():
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def test_prometheus_counters_are_at_zero_before_the_first_call() -> None:
     port = free_port()
     settings = make_settings("memory", {}, observability={"prometheusPort": port})
+    async with running_server(settings):
+        text = scrape(port)
+    total = "quorum_quest_lock_operations_total"
+    assert sample(text, total, operation="acquire", result="acquired", backend="memory") == 0.0
+    assert sample(text, total, operation="release", result="released", backend="memory") == 0.0
+    assert sample(text, "quorum_quest_store_errors_total", operation="acquire") == 0.0
+    assert sample(text, "quorum_quest_config_reloads_total", result="rejected") == 0.0
+
+
+async def test_prometheus_histogram_has_second_buckets_for_both_operations_of_a_loop() -> None:
+    port = free_port()
+    settings = make_settings("memory", {}, observability={"prometheusPort": port})
+    loops = 10
     async with running_server(settings) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = LeaderElectionStub(channel)
-            await stub.try_acquire_lock(
-                pb.TryAcquireLockRequest(service="s", domain=uuid.uuid4().hex, client_id="c")
-            )
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
-            text = answer.read().decode()
-    assert "quorum_quest_lock_operations" in text
-    assert 'result="acquired"' in text
+            domain = uuid.uuid4().hex
+            for _ in range(loops):
+                await stub.try_acquire_lock(
+                    pb.TryAcquireLockRequest(service="s", domain=domain, client_id="c")
+                )
+                await stub.release_lock(
+                    pb.ReleaseLockRequest(service="s", domain=domain, client_id="c")
+                )
+        text = scrape(port)
+    total = "quorum_quest_lock_operations_total"
+    assert sample(text, total, operation="acquire", result="acquired") == loops
+    histogram = "quorum_quest_lock_operation_duration_seconds"
+    assert sample(text, f"{histogram}_count", operation="acquire", result="acquired") == loops
+    assert sample(text, f"{histogram}_count", operation="release", result="released") == loops
+    bounds = [
+        re.search(r'le="([^"]+)"', line)[1]  # type: ignore[index]
+        for line in text.splitlines()
+        if line.startswith(f"{histogram}_bucket{{") and 'operation="release"' in line
+    ]
+    assert bounds == [*(repr(bound) for bound in LATENCY_BUCKETS_S), "+Inf"]
 
 
 async def test_status_reports_version_backend_uptime_and_held_leases(
@@ -160,9 +219,6 @@ async def test_status_reports_version_backend_uptime_and_held_leases(
 def test_json_log_lines_carry_trace_and_span_ids(capfd: pytest.CaptureFixture[str]) -> None:
     from loguru import logger
 
-    from quorum_quest.config.settings import LoggerSettings
-    from quorum_quest.telemetry.logging import configure_logging
-
     configure_logging(LoggerSettings(format="json"))
     tracer = TracerProvider().get_tracer("test")
     with tracer.start_as_current_span("work") as span:
@@ -172,8 +228,42 @@ def test_json_log_lines_carry_trace_and_span_ids(capfd: pytest.CaptureFixture[st
     lines = [
         json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")
     ]
-    inside = next(line for line in lines if line["record"]["message"] == "inside a span")
-    outside = next(line for line in lines if line["record"]["message"] == "outside")
-    assert inside["record"]["extra"]["trace_id"] == format(span.get_span_context().trace_id, "032x")
-    assert inside["record"]["extra"]["span_id"] == format(span.get_span_context().span_id, "016x")
-    assert "trace_id" not in outside["record"]["extra"]
+    inside = next(line for line in lines if line["message"] == "inside a span")
+    outside = next(line for line in lines if line["message"] == "outside")
+    assert inside["trace_id"] == format(span.get_span_context().trace_id, "032x")
+    assert inside["span_id"] == format(span.get_span_context().span_id, "016x")
+    assert "trace_id" not in outside and "record" not in outside
+
+
+async def test_a_traced_call_logs_a_flat_json_line_naming_its_lock_and_trace(
+    receiver, client_spans, capfd: pytest.CaptureFixture[str]
+) -> None:
+    collector, endpoint = receiver
+    observability = {"otelEndpoint": endpoint, "traceSampleRatio": 1.0}
+    settings = make_settings("memory", {}, observability=observability)
+    domain = uuid.uuid4().hex
+    configure_logging(LoggerSettings(format="json", level="DEBUG"))
+    try:
+        async with running_server(settings) as server:
+            client = QuorumQuestClient("svc", domain, 5, f"127.0.0.1:{server.port}")
+            async with client:
+                assert await client.try_acquire_lock()
+            # A library's stdlib record, in the server's process: the same stream.
+            logging.getLogger("quorum_quest.client").warning("a library speaks")
+    finally:
+        configure_logging(LoggerSettings())
+    lines = [
+        json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")
+    ]
+    acquired = next(line for line in lines if line["message"].startswith("lock acquired"))
+    assert {"service", "domain", "client_id", "trace_id", "span_id"} <= acquired.keys()
+    assert list(acquired)[:4] == ["time", "level", "message", "logger"]
+    assert (acquired["level"], acquired["service"], acquired["domain"]) == ("DEBUG", "svc", domain)
+    assert acquired["logger"] == "quorum_quest.server.servicer"
+    # The line's trace is the caller's: the SDK's client span started it.
+    assert any(
+        "TryAcquireLock" in span.name and span.context.trace_id == int(acquired["trace_id"], 16)
+        for span in client_spans.get_finished_spans()
+    )
+    stdlib = next(line for line in lines if line["message"] == "a library speaks")
+    assert stdlib["logger"] == "quorum_quest.client" and stdlib["level"] == "WARNING"

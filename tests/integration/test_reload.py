@@ -155,7 +155,7 @@ async def test_logger_level_and_format_are_reapplied(
     assert "shown-line" in err
     assert "hidden-line" not in err
     json_lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    assert any(line["record"]["message"] == "json-line" for line in json_lines)
+    assert any(line["message"] == "json-line" for line in json_lines)
 
 
 async def test_changed_server_address_is_logged_as_needing_a_restart(

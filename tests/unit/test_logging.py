@@ -1,7 +1,9 @@
-"""The service's log stream: one record per line, and grpc's noise about callers that left."""
+"""The service's log stream: one record per line (flat JSON objects in JSON), stdlib records
+routed into it, and grpc's noise about callers that left."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -11,6 +13,7 @@ from contextlib import contextmanager
 import pytest
 from grpc._cython import cygrpc
 from loguru import logger
+from opentelemetry.sdk.trace import TracerProvider
 
 from quorum_quest.config.settings import LoggerSettings
 from quorum_quest.telemetry.logging import configure_logging
@@ -99,3 +102,76 @@ def test_other_errors_of_grpc_are_still_errors(capfd: pytest.CaptureFixture[str]
             )
     err = capfd.readouterr().err
     assert "ERROR" in err and "Traceback" in err and "a bug of ours" in err
+
+
+# -- JSON lines ---------------------------------------------------------------------
+
+JSON_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def _json_lines(err: str) -> list[dict[str, object]]:
+    lines = err.splitlines()
+    assert all(line.startswith("{") for line in lines), err
+    return [json.loads(line) for line in lines]
+
+
+def test_a_json_line_is_one_flat_object_with_the_conventional_keys_on_top(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    tracer = TracerProvider().get_tracer("test")
+    with configured(format="json"), tracer.start_as_current_span("call") as span:
+        logger.info("lock lost", service="billing", domain="eu", client_id="node-1")
+    [line] = _json_lines(capfd.readouterr().err)
+    context = span.get_span_context()
+    assert line == {
+        "time": line["time"],
+        "level": "INFO",
+        "message": "lock lost",
+        "logger": __name__,
+        "service": "billing",
+        "domain": "eu",
+        "client_id": "node-1",
+        "trace_id": format(context.trace_id, "032x"),
+        "span_id": format(context.span_id, "016x"),
+    }
+    assert JSON_TIME.match(str(line["time"])), line["time"]
+
+
+def test_a_json_line_outside_a_span_has_no_trace_ids_and_no_path_thread_or_emoji(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with configured(format="json"):
+        logger.bind(audit="grant", identity="alice").info("lock acquired é")
+    err = capfd.readouterr().err
+    [line] = _json_lines(err)
+    assert set(line) == {"time", "level", "message", "logger", "audit", "identity"}
+    assert line["message"] == "lock acquired é" and line["identity"] == "alice"
+    assert err.isascii()  # non-ASCII escaped: no emoji, no character that ends a line
+    assert __file__ not in err and "thread" not in err
+
+
+def test_a_json_line_with_an_exception_keeps_its_traceback_in_one_field(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with configured(format="json"):
+        try:
+            raise ValueError("a bug of ours")
+        except ValueError:
+            logger.exception("store call failed")
+    [line] = _json_lines(capfd.readouterr().err)
+    assert line["level"] == "ERROR" and line["message"] == "store call failed"
+    assert "Traceback" in str(line["exception"]) and "a bug of ours" in str(line["exception"])
+
+
+def test_a_stdlib_record_joins_the_stream_under_its_logger_name_with_its_fields(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with configured(format="json"):
+        logging.getLogger("quorum_quest.client").warning(
+            "lost %s/%s", "billing", "eu", extra={"service": "billing", "domain": "eu"}
+        )
+        logging.getLogger("redis.connection").info("below the stdlib threshold")
+    [line] = _json_lines(capfd.readouterr().err)
+    assert line["logger"] == "quorum_quest.client" and line["level"] == "WARNING"
+    assert line["message"] == "lost billing/eu"
+    assert line["service"] == "billing" and line["domain"] == "eu"

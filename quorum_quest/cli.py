@@ -16,17 +16,26 @@ import asyncio
 import sys
 from pathlib import Path
 
-from loguru import logger
+try:
+    from loguru import logger
 
-from quorum_quest.config.loader import DEFAULT_PATH, find_config_file, load_settings, read_yaml
-from quorum_quest.config.settings import Settings
-from quorum_quest.errors import ConfigError, StoreUnavailable
-from quorum_quest.server.app import check_files, serve
-from quorum_quest.server.workers import supervise, worker_index
-from quorum_quest.telemetry.logging import configure_logging
+    from quorum_quest.config.loader import DEFAULT_PATH, find_config_file, load_settings, read_yaml
+    from quorum_quest.config.settings import Settings
+    from quorum_quest.errors import ConfigError, StoreUnavailable
+    from quorum_quest.server.app import CannotListen, check_address_free, check_files, serve
+    from quorum_quest.server.workers import supervise, worker_index
+    from quorum_quest.telemetry.logging import configure_logging
+except ModuleNotFoundError as exc:  # the SDK alone: the service's packages are an extra
+    missing = (exc.name or "quorum_quest").partition(".")[0]
+    if missing == "quorum_quest":
+        raise
+    sys.exit(
+        f"quorum-quest-service: the service needs the {missing!r} package, which is not"
+        " installed: install quorum-quest[server]"
+    )
 
 EXIT_CONFIG = 2
-EXIT_STORE = 1
+EXIT_CANNOT_START = 1  # the address cannot be bound, or the store cannot be reached
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,9 +76,17 @@ def _run(settings: Settings, file: Path | None, *, reuse_port: bool) -> None:
 
 
 def _config_error(exc: ConfigError) -> int:
-    message = " ".join(str(exc).splitlines())
-    print(f"quorum-quest-service: config error: {message}", file=sys.stderr)
+    """One line per mistake, each naming its key path, so that all can be fixed at once."""
+    for path, reason in exc.mistakes:
+        message = " ".join((f"{path}: {reason}" if path else reason).splitlines())
+        print(f"quorum-quest-service: config error: {message}", file=sys.stderr)
     return EXIT_CONFIG
+
+
+def _cannot_start(exc: Exception) -> int:
+    """One ERROR line naming what stopped the start, without a traceback."""
+    logger.error("cannot start: {}", exc)
+    return EXIT_CANNOT_START
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("{} is empty: every key has its default", file)
     worker = worker_index()
     if worker is None and settings.server.workers > 1:
+        try:  # said once here, rather than by every worker and then the supervisor
+            check_address_free(settings.serverAddress, reuse_port=True)
+        except CannotListen as exc:
+            return _cannot_start(exc)
         return supervise(argv, settings.server.workers, settings.server.shutdownGrace)
     if worker is not None:
         logger.configure(extra={"worker": worker})
@@ -98,12 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         _run(settings, file, reuse_port=worker is not None)
     except ConfigError as exc:  # a certificate or tokens file that changed since the check
         return _config_error(exc)
-    except StoreUnavailable as exc:
-        logger.error("cannot start: {}", exc)
-        return EXIT_STORE
-    except OSError as exc:
-        logger.error("cannot start: {}", exc)
-        return EXIT_STORE
+    except (StoreUnavailable, OSError) as exc:  # CannotListen is an OSError
+        return _cannot_start(exc)
     return 0
 
 

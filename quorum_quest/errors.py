@@ -6,6 +6,8 @@ A backend failure is always a `StoreUnavailable` (server side) or a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class QuorumQuestError(Exception):
     """Base class of every Quorum Quest error."""
@@ -59,10 +61,15 @@ class LeadershipLost(QuorumQuestError):
 
 
 class ConfigError(QuorumQuestError):
-    """A configuration value is missing or invalid; `path` is the dotted key path."""
+    """A configuration value is missing or invalid; `path` is the dotted key path.
 
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}" if path else reason)
+    One error may name several mistakes: `mistakes` holds each as `(path, reason)`, this
+    one first, and the message has one line per mistake.
+    """
+
+    def __init__(self, path: str, reason: str, *, more: Sequence[tuple[str, str]] = ()) -> None:
+        self.mistakes = ((path, reason), *more)
+        super().__init__("\n".join(f"{p}: {r}" if p else r for p, r in self.mistakes))
         self.path = path
         self.reason = reason
 

@@ -10,8 +10,13 @@ backend, which may itself come from either source.
 
 Whatever a file or a variable holds, loading ends in `Settings` or in one
 `ConfigError` naming the key, the variable or the file: never in another exception.
-The service exits 2 on it at start, and a reload is rejected with it while the
-running configuration stays.
+It names every mistake found, one per line (`ConfigError.mistakes`), so that a typo'd
+key does not hide a wrong value next to it. The service exits 2 on it at start, and a
+reload is rejected with it while the running configuration stays.
+
+The client's variables (`quorum_quest._env.CLIENT_VARIABLES`: `QUORUMQUEST_ADDRESS`,
+`QUORUMQUEST_TOKEN`, ...) share the prefix and are skipped: they may be set where the
+service runs.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import math
 import os
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -29,9 +34,10 @@ import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 
-from quorum_quest.config.settings import Settings, split_address
+from quorum_quest._env import CLIENT_VARIABLES
+from quorum_quest.config.settings import BackendSettings, Settings, split_address
 from quorum_quest.errors import ConfigError
-from quorum_quest.stores import UnknownBackend, store_class
+from quorum_quest.stores import StoreSettings, UnknownBackend, store_class
 from quorum_quest.stores.registry import canonical_name
 
 ENV_PREFIX = "QUORUMQUEST_"
@@ -41,10 +47,10 @@ DEFAULT_PATH = Path("config")
 # fits every clock it is handed to: thread waits, timers, protobuf Durations.
 MAX_SECONDS = 1_000_000_000  # about 31 years
 MAX_INTEGER = 2**63 - 1
-# Mistakes named in one error line; the rest are counted.
-SHOWN_ERRORS = 3
 # Pydantic's errors for a number out of bounds: for nan or inf, "not finite" says more.
 _BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+# A mistake: the key path (or variable, or nothing for the file itself) and the reason.
+Mistake = tuple[str, str]
 
 
 def find_config_file(path: Path | None) -> Path | None:
@@ -127,8 +133,8 @@ def load_settings(
     an error unless `allow_empty` (see `read_yaml`). Every failure is a `ConfigError`."""
     try:
         raw = read_yaml(file, allow_empty=allow_empty) if file is not None else {}
-        apply_environment(raw, os.environ if environ is None else environ)
-        return validate(raw)
+        refused = apply_environment(raw, os.environ if environ is None else environ)
+        return validate(raw, refused)
     except ConfigError:
         raise
     except Exception as exc:  # a failure no check above foresaw: still one line, not a crash
@@ -136,94 +142,162 @@ def load_settings(
         raise ConfigError("", f"{where} cannot be loaded: {_describe(exc)}") from exc
 
 
-def validate(raw: dict[str, Any]) -> Settings:
+def validate(raw: dict[str, Any], refused: Sequence[Mistake] = ()) -> Settings:
+    """`raw` as `Settings`, or a `ConfigError` naming every mistake in it, after those of
+    `refused` (variables that could not be applied). Keys and values are checked section
+    by section; the checks across sections (workers, TLS, quotas, the default lease) need
+    every section valid, and run once it is."""
+    mistakes: list[Mistake] = []
+    settings: Settings | None = None
+    store: StoreSettings | None = None
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
-        raise _config_error(exc) from None
-    _check_numbers(settings)
-    try:
-        store = settings.store_settings()
-    except ValidationError as exc:
-        raise _config_error(exc, prefix="store") from None
-    _check_numbers(store, "store")
-    if settings.server.workers > 1:
-        if settings.backend.type == "memory":
-            raise ConfigError(
-                "server.workers",
-                "the memory store keeps its locks inside one process, so it can have only"
-                " 1 worker; use a shared backend (redis, scylladb, dynamodb) for more",
-            )
-        if split_address(settings.serverAddress)[1] == 0:
-            raise ConfigError(
-                "server.workers", "several workers need a fixed port in serverAddress"
-            )
-        if settings.observability.prometheusPort:
-            raise ConfigError(
-                "observability.prometheusPort",
-                "cannot be used with server.workers > 1 (each worker would need its own port);"
-                " push metrics over OTLP instead",
-            )
-    _check_security(settings)
-    if store.ttl > settings.server.maxTtl:
-        raise ConfigError(
-            "store.ttl",
-            f"the default lease ({store.ttl} s) is above "
-            f"server.maxTtl ({settings.server.maxTtl:g} s)",
-        )
+        mistakes.extend(_mistakes(exc))
+        mistakes.extend(_number_mistakes_of_valid_sections(raw, exc))
+    else:
+        mistakes.extend(_number_mistakes(settings))
+    store_model = _store_model(raw, settings)
+    if store_model is not None:
+        try:
+            store = store_model.model_validate(raw.get("store", {}))
+        except ValidationError as exc:
+            mistakes.extend(_mistakes(exc, prefix="store"))
+        else:
+            mistakes.extend(_number_mistakes(store, "store"))
+    if settings is not None and store is not None:
+        mistakes.extend(_cross_section_mistakes(settings, store.ttl))
+    # A variable refused for its section (`server: must be a mapping ...`) is that
+    # section's mistake: validation need not name the section again.
+    named = {path for path, _ in refused}
+    mistakes = [*refused, *(mistake for mistake in mistakes if mistake[0] not in named)]
+    if mistakes:
+        (path, reason), *more = mistakes
+        raise ConfigError(path, reason, more=more)
+    assert settings is not None
     return settings
 
 
-def _check_security(settings: Settings) -> None:
+def _store_model(raw: dict[str, Any], settings: Settings | None) -> type[StoreSettings] | None:
+    """The model of the `store:` section, when the backend is known and the section is a
+    mapping (or absent); else None, and the mistake is named by `Settings`."""
+    if not isinstance(raw.get("store", {}), dict):
+        return None
+    if settings is not None:
+        backend = settings.backend.type
+    else:
+        try:  # the backend is read alone: a mistake elsewhere hides no store key
+            backend = BackendSettings.model_validate(raw.get("backend", {})).type
+        except ValidationError:
+            return None
+    return store_class(backend).settings_model
+
+
+def _cross_section_mistakes(settings: Settings, default_ttl: float) -> list[Mistake]:
+    mistakes: list[Mistake] = []
+    if settings.server.workers > 1:
+        if settings.backend.type == "memory":
+            mistakes.append(
+                (
+                    "server.workers",
+                    "the memory store keeps its locks inside one process, so it can have only"
+                    " 1 worker; use a shared backend (redis, scylladb, dynamodb) for more",
+                )
+            )
+        elif split_address(settings.serverAddress)[1] == 0:
+            mistakes.append(
+                ("server.workers", "several workers need a fixed port in serverAddress")
+            )
+        if settings.observability.prometheusPort:
+            mistakes.append(
+                (
+                    "observability.prometheusPort",
+                    "cannot be used with server.workers > 1 (each worker would need its own"
+                    " port); push metrics over OTLP instead",
+                )
+            )
+    mistakes.extend(_security_mistakes(settings))
+    if default_ttl > settings.server.maxTtl:
+        mistakes.append(
+            (
+                "store.ttl",
+                f"the default lease ({default_ttl} s) is above "
+                f"server.maxTtl ({settings.server.maxTtl:g} s)",
+            )
+        )
+    return mistakes
+
+
+def _security_mistakes(settings: Settings) -> list[Mistake]:
     """Keys of `server.tls` and `auth` that only make sense together. (What the files they
     name hold is checked by the server, which reads them: `quorum_quest.server.tls`.)"""
+    mistakes: list[Mistake] = []
     tls = settings.server.tls
     if tls.keyFile and not tls.certFile:
-        raise ConfigError("server.tls.certFile", "is needed with server.tls.keyFile")
+        mistakes.append(("server.tls.certFile", "is needed with server.tls.keyFile"))
     if tls.certFile and not tls.keyFile:
-        raise ConfigError("server.tls.keyFile", "is needed with server.tls.certFile")
+        mistakes.append(("server.tls.keyFile", "is needed with server.tls.certFile"))
     if tls.clientCaFile and not tls.certFile:
-        raise ConfigError(
-            "server.tls.clientCaFile",
-            "needs server.tls.certFile and keyFile: client certificates are checked over TLS",
+        mistakes.append(
+            (
+                "server.tls.clientCaFile",
+                "needs server.tls.certFile and keyFile: client certificates are checked over TLS",
+            )
         )
     quotas = settings.auth.quotas
     if quotas.any and not settings.auth_on:
         key = "maxLeasesPerIdentity" if quotas.maxLeasesPerIdentity else "callsPerSecondPerIdentity"
-        raise ConfigError(
-            f"auth.quotas.{key}",
-            "quotas are per identity and need auth on (auth.tokensFile, auth.rules or"
-            " server.tls.clientCaFile); without it every caller would share one quota",
+        mistakes.append(
+            (
+                f"auth.quotas.{key}",
+                "quotas are per identity and need auth on (auth.tokensFile, auth.rules or"
+                " server.tls.clientCaFile); without it every caller would share one quota",
+            )
         )
+    return mistakes
 
 
-def _check_numbers(model: BaseModel, prefix: str = "") -> None:
-    """Refuse inf, nan and numbers too large for the clocks and integers they become."""
+def _number_mistakes_of_valid_sections(raw: dict[str, Any], exc: ValidationError) -> list[Mistake]:
+    """The numbers out of range in each section that is valid on its own, when another
+    one is not (and `Settings` could not be built)."""
+    failed = {str(error["loc"][0]) for error in exc.errors() if error["loc"]}
+    mistakes: list[Mistake] = []
+    for name, field in Settings.model_fields.items():
+        model = field.annotation
+        if name in failed or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        try:
+            section = model.model_validate(raw.get(name, {}))
+        except ValidationError:
+            continue
+        mistakes.extend(_number_mistakes(section, name))
+    return mistakes
+
+
+def _number_mistakes(model: BaseModel, prefix: str = "") -> list[Mistake]:
+    """inf, nan and numbers too large for the clocks and integers they become."""
+    mistakes: list[Mistake] = []
     for name in type(model).model_fields:
         value = getattr(model, name)
         path = f"{prefix}.{name}" if prefix else name
         if isinstance(value, BaseModel):
-            _check_numbers(value, path)
+            mistakes.extend(_number_mistakes(value, path))
         elif isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(path, f"must be a finite number, not {value}")
+            mistakes.append((path, f"must be a finite number, not {value}"))
         elif isinstance(value, float) and abs(value) > MAX_SECONDS:
-            raise ConfigError(
-                path, f"must be at most {MAX_SECONDS} (about 31 years), not {value:g}"
+            mistakes.append(
+                (path, f"must be at most {MAX_SECONDS} (about 31 years), not {value:g}")
             )
         elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INTEGER:
-            raise ConfigError(path, f"must be at most {MAX_INTEGER}")
+            mistakes.append((path, f"must be at most {MAX_INTEGER}"))
+    return mistakes
 
 
-def _config_error(exc: ValidationError, prefix: str = "") -> ConfigError:
-    """The first few mistakes in one line; the first one's key is the error's path."""
-    mistakes = [_mistake(error, prefix) for error in exc.errors(include_url=False)]
-    path, reason = mistakes[0]
-    shown = [reason, *(f"{p}: {r}" if p else r for p, r in mistakes[1:SHOWN_ERRORS])]
-    more = len(mistakes) - SHOWN_ERRORS
-    return ConfigError(path, "; ".join(shown) + (f" (and {more} more)" if more > 0 else ""))
+def _mistakes(exc: ValidationError, prefix: str = "") -> list[Mistake]:
+    return [_mistake(error, prefix) for error in exc.errors(include_url=False)]
 
 
-def _mistake(error: Any, prefix: str) -> tuple[str, str]:
+def _mistake(error: Any, prefix: str) -> Mistake:
     path = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "")
     reason = _one_line(error["msg"].removeprefix("Value error, "))
     if error["type"] == "extra_forbidden":
@@ -257,16 +331,23 @@ def _match(name: str, candidates: Any) -> str | None:
     return by_squashed.get(_squash(name))
 
 
-def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
-    """Layer `QUORUMQUEST_*` variables onto `raw` (in place), matching names loosely."""
+def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> list[Mistake]:
+    """Layer `QUORUMQUEST_*` variables onto `raw` (in place), matching names loosely, and
+    return the mistakes of those that could not be applied (the others are). The client's
+    variables (`CLIENT_VARIABLES`) are no keys of the service and are skipped."""
     overrides = {
         name[len(ENV_PREFIX) :]: value
         for name, value in environ.items()
-        if name.upper().startswith(ENV_PREFIX)
+        if name.upper().startswith(ENV_PREFIX) and name not in CLIENT_VARIABLES
     }
+    refused: list[Mistake] = []
     # The backend decides which store keys exist, so it is settled first.
     for name in sorted(overrides, key=lambda n: _squash(n) != "backendtype"):
-        _apply_one(raw, name, overrides[name])
+        try:
+            _apply_one(raw, name, overrides[name])
+        except ConfigError as exc:
+            refused.extend(exc.mistakes)
+    return refused
 
 
 def _apply_one(raw: dict[str, Any], name: str, value: str) -> None:

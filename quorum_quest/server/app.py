@@ -9,7 +9,9 @@ probes need no credentials; reflection can be switched off (`server.reflection`)
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,15 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from loguru import logger
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from prometheus_client import CollectorRegistry, start_http_server
 
 from quorum_quest._rpc import SERVICE_NAME, DecodingRegistrar, service_handler
 from quorum_quest.api.google_proto_descriptor_pool import default_google_proto_descriptor_pool
-from quorum_quest.config.settings import Settings
+from quorum_quest.config.settings import Settings, split_address
 from quorum_quest.config.watch import watch_settings
 from quorum_quest.errors import ConfigError, StoreUnavailable
 from quorum_quest.server.access import Access
@@ -35,7 +38,8 @@ from quorum_quest.server.servicer import LeaderElectionServicer
 from quorum_quest.server.tls import ServerCertificates, load_certificates
 from quorum_quest.stores import LockStore
 from quorum_quest.telemetry.logging import ThrottledLog, configure_logging
-from quorum_quest.telemetry.telemetry import CurrentTracerProvider, Telemetry
+from quorum_quest.telemetry.telemetry import Telemetry
+from quorum_quest.telemetry.tracing import TracedService
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -70,6 +74,125 @@ def check_files(settings: Settings) -> None:
 def bind_address(address: str) -> str:
     """Accept Go's ':5050' form as 'all interfaces'."""
     return f"[::]{address}" if address.startswith(":") else address
+
+
+class CannotListen(OSError):
+    """An address the service was configured to listen on cannot be bound; the message
+    names the key, the address and why (in use, not of this machine, not permitted)."""
+
+
+_WHY_NOT = {
+    errno.EADDRINUSE: "address already in use (another process listens on it)",
+    errno.EADDRNOTAVAIL: "not an address of this machine",
+    errno.EACCES: "permission denied (a port below 1024 needs privileges)",
+}
+
+
+def cannot_listen(key: str, address: str, exc: OSError) -> CannotListen:
+    if isinstance(exc, socket.gaierror):
+        why = f"cannot resolve its host: {exc.strerror}"
+    else:
+        why = _WHY_NOT.get(exc.errno or 0) or exc.strerror or str(exc)
+    return CannotListen(f"{key} {address}: {why}")
+
+
+def check_address_free(address: str, *, reuse_port: bool = False) -> None:
+    """Raise `CannotListen` when `address` (`serverAddress`) cannot be bound, before
+    grpc tries: grpc reports that with a line of its core's log and an exception that
+    names no reason. Each address the host resolves to is bound on its own, with the
+    options grpc binds with (SO_REUSEADDR, and SO_REUSEPORT for workers, which share
+    the port), then closed. An address family the machine lacks is no error while
+    another address of the host binds, as grpc serves on those it can bind."""
+    host, port = split_address(address)
+    if port == 0:
+        return  # any free port
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise cannot_listen("serverAddress", address, exc) from None
+    failures: list[OSError] = []
+    for family, kind, proto, _, where in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                probe.bind(where)
+        except OSError as exc:
+            failures.append(exc)
+    in_use = [exc for exc in failures if exc.errno in (errno.EADDRINUSE, errno.EACCES)]
+    if in_use or (failures and len(failures) == len(infos)):
+        raise cannot_listen("serverAddress", address, (in_use or failures)[0])
+
+
+# Server reflection as grpcio-reflection ships it (v1alpha) and as current tools ask for
+# it first (v1, the same messages under another package).
+REFLECTION_V1 = "grpc.reflection.v1"
+REFLECTION_SERVICES = (reflection.SERVICE_NAME, f"{REFLECTION_V1}.ServerReflection")
+
+
+def add_reflection(server: grpc.aio.Server | DecodingRegistrar) -> None:
+    """Serve reflection of the lock service and health under both reflection names.
+
+    grpcio-reflection has no v1 servicer; v1's `.proto` is v1alpha's with another
+    package name, field for field, so one servicer answers both on the wire."""
+    servicer = reflection.aio.ReflectionServicer(
+        (SERVICE_NAME, health.SERVICE_NAME, *REFLECTION_SERVICES), pool=_reflection_pool()
+    )
+    handlers = {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+    }
+    for name in REFLECTION_SERVICES:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+        server.add_registered_method_handlers(name, handlers)
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """The `.proto` files reflection describes: the lock service's (from the private pool
+    its messages live in), health's and reflection's, v1alpha and v1."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        for dependency in file.dependencies:
+            add(dependency)
+        if file.name not in added:
+            added.add(file.name)
+            proto = descriptor_pb2.FileDescriptorProto()
+            file.CopyToProto(proto)
+            pool.Add(proto)
+
+    add(default_google_proto_descriptor_pool.FindServiceByName(SERVICE_NAME).file)
+    add(health_pb2.DESCRIPTOR)
+    add(reflection_pb2.DESCRIPTOR)
+    v1 = _moved(reflection_pb2.DESCRIPTOR, "grpc/reflection/v1/reflection.proto", REFLECTION_V1)
+    pool.Add(v1)
+    return pool
+
+
+def _moved(file: FileDescriptor, name: str, package: str) -> descriptor_pb2.FileDescriptorProto:
+    """`file`, a `.proto` without dependencies, as file `name` of `package`."""
+    proto = descriptor_pb2.FileDescriptorProto()
+    file.CopyToProto(proto)
+    old_prefix, new_prefix = f".{proto.package}.", f".{package}."
+    proto.name = name
+    proto.package = package
+    proto.ClearField("options")
+    for message in proto.message_type:
+        for field in message.field:
+            if field.type_name.startswith(old_prefix):
+                field.type_name = new_prefix + field.type_name.removeprefix(old_prefix)
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = new_prefix + method.input_type.removeprefix(old_prefix)
+            method.output_type = new_prefix + method.output_type.removeprefix(old_prefix)
+    return proto
 
 
 class HealthServicer(health.aio.HealthServicer):
@@ -116,16 +239,8 @@ class LockServer:
         )
         self.runtime.current.access = self._access(settings, tokens)
         self.runtime.current.store.notify_releases(self.runtime.releases.released)
-        # The tracing interceptor costs every call a few percent even with a no-op
-        # tracer, so it is installed only when traces are exported from the start; it
-        # then follows every reload of the observability settings.
-        interceptors = []
-        if settings.observability.otelEndpoint:
-            tracer_provider = CurrentTracerProvider(lambda: self.runtime.current.telemetry)
-            interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider))
-        self._server = grpc.aio.server(
-            options=channel_options(reuse_port), interceptors=interceptors
-        )
+        self._reuse_port = reuse_port
+        self._server = grpc.aio.server(options=channel_options(reuse_port))
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -165,38 +280,52 @@ class LockServer:
         )
 
     async def start(self) -> None:
+        """Bind, connect the store and serve. An address that cannot be bound is a
+        `CannotListen` and a store that cannot be reached a `StoreUnavailable`; either
+        way nothing is left running."""
+        address = bind_address(self.settings.serverAddress)
+        check_address_free(self.settings.serverAddress, reuse_port=self._reuse_port)
         store = self.runtime.current.store
         await store.start()
         try:
             self.runtime.note_grace(await store.check_state())
             servicer = LeaderElectionServicer(self.runtime, self.repeats)
-            self._server.add_generic_rpc_handlers((service_handler(servicer, self._refused),))
+            service = service_handler(servicer, self._refused)
+            # Traced only when traces are exported from the start; then every reload of
+            # the observability settings applies (see quorum_quest.telemetry.tracing).
+            if self.settings.observability.otelEndpoint:
+                service = TracedService(service, lambda: self.runtime.current.telemetry)
+            self._server.add_generic_rpc_handlers((service,))
             # The stock servicers register through a stand-in that makes their handlers
             # refuse undecodable requests too (INVALID_ARGUMENT, not UNKNOWN + traceback).
             registrar = DecodingRegistrar(self._server, self._refused)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
             if self.settings.server.reflection:
-                reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-                    reflection.aio.ReflectionServicer(
-                        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                        pool=default_google_proto_descriptor_pool,
-                    ),
-                    registrar,
-                )
-            address = bind_address(self.settings.serverAddress)
-            if self.certificates is None:
-                self.port = self._server.add_insecure_port(address)
-            else:
-                self.port = self._server.add_secure_port(address, self.certificates.credentials())
+                add_reflection(registrar)
+            try:
+                if self.certificates is None:
+                    self.port = self._server.add_insecure_port(address)
+                else:
+                    credentials = self.certificates.credentials()
+                    self.port = self._server.add_secure_port(address, credentials)
+            except RuntimeError:  # bound since the check; grpc's core has logged why
+                raise CannotListen(
+                    f"serverAddress {self.settings.serverAddress}: grpc could not bind it"
+                ) from None
             await self._server.start()
             if self._prometheus is not None:
                 observability = self.settings.observability
                 host = observability.prometheus_host(self.settings.serverAddress)
-                self._metrics_server, _ = start_http_server(
-                    observability.prometheusPort, addr=host, registry=self._prometheus
-                )
+                try:
+                    self._metrics_server, _ = start_http_server(
+                        observability.prometheusPort, addr=host, registry=self._prometheus
+                    )
+                except OSError as exc:
+                    where = f"{host}:{observability.prometheusPort}"
+                    raise cannot_listen("observability.prometheusPort", where, exc) from None
                 logger.info("Prometheus metrics on {}:{}", host, observability.prometheusPort)
         except BaseException:
+            await self._server.stop(None)
             await store.close()
             raise
         await self._set_health(SERVING)
@@ -263,6 +392,7 @@ class LockServer:
         self._tasks.clear()
         await self.health.enter_graceful_shutdown()
         self.runtime.releases.close()
+        await self.runtime.watches.close()  # watch streams end now, UNAVAILABLE: clients resume
         current = self.runtime.current
         await self._server.stop(current.settings.server.shutdownGrace)
         if self._metrics_server is not None:
@@ -353,7 +483,7 @@ class LockServer:
             retry_s = min(retry_s * 2, 30.0)
 
     def _reload_rejected(self, reason: str) -> None:
-        reason = " ".join(reason.splitlines())
+        reason = "; ".join(line.strip() for line in reason.splitlines() if line.strip())
         self.runtime.reloads["rejected"] += 1
         self.runtime.last_reload = f"rejected: {reason}"
         logger.error("config reload rejected, the running config stays: {}", reason)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,12 +14,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.backends import free_port
+from quorum_quest._env import CLIENT_VARIABLES
+from tests.backends import DIE_WITH_PARENT, free_port
 
 
 def service(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "quorum_quest.cli", *args],
+        [*DIE_WITH_PARENT, "-m", "quorum_quest.cli", *args],
         cwd=cwd,
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
@@ -29,7 +30,7 @@ def service(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
 
 
 def wait_serving(port: int, process: subprocess.Popen[str], target: str = "") -> None:
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # a bound for a loaded machine, not a measurement
     with grpc.insecure_channel(target or f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
@@ -108,17 +109,47 @@ def test_bad_config_exits_2_naming_the_key_without_traceback(
     assert "Traceback" not in stderr
 
 
-def test_unreachable_store_exits_1_with_a_clear_message(tmp_path: Path) -> None:
+# A line of the service's log: `2026-01-02T03:04:05.678+00:00 LEVEL   logger message`.
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT[\d:.]+[+-]\d\d:\d\d (\w+) +\S+ (.*)")
+
+
+def start_up_error(process: subprocess.Popen[str]) -> str:
+    """The message of the one ERROR line a service that cannot start writes; fails unless
+    it exits 1 and every other line of its stderr is an INFO record (no traceback, no
+    line of grpc's core log)."""
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1, stderr[-3000:]
+    records = [LOG_LINE.fullmatch(line) for line in stderr.strip().splitlines()]
+    assert all(records), stderr[-3000:]
+    errors = [record[2] for record in records if record and record[1] != "INFO"]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+def test_unreachable_store_exits_1_with_one_line_naming_it_once(tmp_path: Path) -> None:
+    port = free_port()
     config = tmp_path / "config.yaml"
     config.write_text(
         f'serverAddress: "127.0.0.1:{free_port()}"\nbackend: {{type: redis}}\n'
-        f"store: {{host: 127.0.0.1, port: {free_port()}, timeout: 0.5}}\n"
+        f"store: {{host: 127.0.0.1, port: {port}, timeout: 0.5}}\n"
     )
-    process = service(f"-config={config}", cwd=tmp_path)
-    _, stderr = process.communicate(timeout=20)
-    assert process.returncode == 1
-    assert "cannot start: redis store unavailable" in stderr
-    assert "Traceback" not in stderr
+    error = start_up_error(service(f"-config={config}", cwd=tmp_path))
+    assert error.startswith(f"cannot start: redis store unavailable: 127.0.0.1:{port}/0: ")
+    assert error.count(str(port)) == 1
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:{}", ":{}", "localhost:{}"])
+def test_an_address_in_use_exits_1_with_one_line_naming_it(tmp_path: Path, address: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0" if address.startswith(":") else "127.0.0.1", 0))
+        taken.listen()
+        address = address.format(taken.getsockname()[1])
+        environ = {"QUORUMQUEST_SERVERADDRESS": address}
+        error = start_up_error(service(cwd=tmp_path, env=environ))
+    assert error == (
+        f"cannot start: serverAddress {address}: address already in use"
+        " (another process listens on it)"
+    )
 
 
 def test_runs_on_uvloop_by_default_and_asyncio_when_switched_off(tmp_path: Path) -> None:
@@ -155,6 +186,50 @@ def test_workers_share_one_port_and_stop_together(tmp_path: Path, redis_url: str
     assert process.returncode == 0, stderr
     assert "started 2 workers" in stderr
     assert all(not Path(f"/proc/{child}").exists() for child in children)
+
+
+def test_an_address_in_use_stops_workers_before_they_start(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            f'serverAddress: "{address}"\nbackend: {{type: redis}}\n'
+            f"store: {{host: 127.0.0.1, port: {free_port()}}}\nserver: {{workers: 2}}\n"
+        )
+        error = start_up_error(service(f"-config={config}", cwd=tmp_path))
+    assert error.startswith(f"cannot start: serverAddress {address}: address already in use")
+
+
+def test_every_config_mistake_is_a_line_naming_its_key(tmp_path: Path) -> None:
+    """A typo'd key next to a wrong type: both named at once, one line each."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "serverAdress: x\nserver: {maxTtl: nine}\nbackend: {type: redis}\nstore: {hots: x}\n"
+    )
+    process = service(f"-config={config}", cwd=tmp_path)
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert all(line.startswith("quorum-quest-service: config error: ") for line in lines), stderr
+    keys = sorted(line.split(": ")[2] for line in lines)
+    assert keys == ["server.maxTtl", "serverAdress", "store.hots"]
+
+
+def test_the_clients_variables_in_the_environment_do_not_stop_the_service(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    environ = dict.fromkeys(CLIENT_VARIABLES, "x")
+    environ["QUORUMQUEST_SERVERADDRESS"] = f"127.0.0.1:{port}"
+    process = service(cwd=tmp_path, env=environ)
+    stderr = serve_then_stop(process, port, signal.SIGTERM)
+    assert process.returncode == 0, stderr
+    environ["QUORUMQUEST_TLS_CAFILE"] = "x"  # a near miss is still an unknown key
+    line = config_error_line(service(cwd=tmp_path, env=environ))
+    assert line.endswith("QUORUMQUEST_TLS_CAFILE: environment variable names no known key")
 
 
 def test_workers_are_refused_for_the_memory_store(tmp_path: Path) -> None:

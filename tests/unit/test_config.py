@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from quorum_quest._env import CLIENT_VARIABLES
 from quorum_quest.config.loader import find_config_file, load_settings
 from quorum_quest.errors import ConfigError
 from quorum_quest.server.runtime import LeasePolicy
@@ -344,13 +345,85 @@ def test_environment_lists_take_json_or_comma_separated_addresses(tmp_path: Path
         assert list(settings.store_settings().endpoints) == expected
 
 
-def test_a_config_with_several_mistakes_names_the_first_few(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as caught:
-        load("serverAdress: x\nlogger: {level: loud}\n", tmp_path)
-    assert "serverAdress: unknown key" in str(caught.value)
-    assert "logger.level: unknown level" in str(caught.value)
-    assert "more)" not in str(caught.value)
+def test_a_config_with_several_mistakes_names_every_one_with_its_key_path(
+    tmp_path: Path,
+) -> None:
     with pytest.raises(ConfigError) as caught:
         load("a: 1\nb: 2\nc: 3\nd: 4\ne: 5\n", tmp_path)
     assert caught.value.path == "a"
-    assert str(caught.value) == ("a: unknown key; b: unknown key; c: unknown key (and 2 more)")
+    assert str(caught.value).splitlines() == [f"{key}: unknown key" for key in "abcde"]
+    assert caught.value.mistakes == tuple((key, "unknown key") for key in "abcde")
+
+
+def test_a_typo_next_to_a_wrong_type_names_both(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load("serverAdress: x\nserver: {maxTtl: nine}\n", tmp_path)
+    paths = [path for path, _ in caught.value.mistakes]
+    assert sorted(paths) == ["server.maxTtl", "serverAdress"]
+    assert ("serverAdress", "unknown key") in caught.value.mistakes
+
+
+def test_store_keys_are_checked_even_when_another_section_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(
+            "serverAdress: x\nbackend: {type: redis}\nstore: {hots: x, port: nine}\n"
+            "observability: {metricsInterval: .inf}\n",
+            tmp_path,
+        )
+    mistakes = dict(caught.value.mistakes)
+    assert mistakes["serverAdress"] == "unknown key"
+    assert mistakes["store.hots"] == "unknown key"
+    assert "valid integer" in mistakes["store.port"]
+    assert "finite" in mistakes["observability.metricsInterval"]
+
+
+def test_checks_across_sections_are_named_with_the_other_mistakes(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load("store: {ttl: 7200}\nserver: {workers: 2}\n", tmp_path)
+    assert [path for path, _ in caught.value.mistakes] == ["server.workers", "store.ttl"]
+
+
+def test_environment_mistakes_are_named_with_those_of_the_file(tmp_path: Path) -> None:
+    environ = {"QUORUMQUEST_NOPE": "x", "QUORUMQUEST_SERVER_MAXTTL": "nine"}
+    with pytest.raises(ConfigError) as caught:
+        load("serverAdress: x\n", tmp_path, environ)
+    paths = [path for path, _ in caught.value.mistakes]
+    assert paths[0] == "QUORUMQUEST_NOPE"
+    assert sorted(paths[1:]) == ["server.maxTtl", "serverAdress"]
+
+
+def test_a_section_refused_for_a_variable_is_named_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load("server: [1, 2]\n", tmp_path, {"QUORUMQUEST_SERVER_MAXTTL": "30"})
+    assert [path for path, _ in caught.value.mistakes] == ["server"]
+
+
+CLIENT_ENVIRONMENT = {
+    "QUORUMQUEST_ADDRESS": "localhost:5050",
+    "QUORUMQUEST_TOKEN": "secret",
+    "QUORUMQUEST_TOKEN_FILE": "/run/secrets/token",
+    "QUORUMQUEST_TLS": "true",
+    "QUORUMQUEST_TLS_CA_FILE": "/etc/ca.pem",
+    "QUORUMQUEST_TLS_CERT_FILE": "/etc/client.pem",
+    "QUORUMQUEST_TLS_KEY_FILE": "/etc/client.key",
+    "QUORUMQUEST_TLS_SERVER_NAME": "quorum-quest.example.com",
+}
+
+
+def test_the_clients_variables_are_skipped_by_the_service(tmp_path: Path) -> None:
+    assert set(CLIENT_ENVIRONMENT) == set(CLIENT_VARIABLES)
+    settings = load('serverAddress: "127.0.0.1:5050"\n', tmp_path, CLIENT_ENVIRONMENT)
+    assert settings.serverAddress == "127.0.0.1:5050"
+    assert not settings.server.tls.enabled
+    assert not settings.auth.tokensFile
+
+
+def test_an_unknown_variable_is_still_refused_next_to_the_clients_variables(
+    tmp_path: Path,
+) -> None:
+    environ = {**CLIENT_ENVIRONMENT, "QUORUMQUEST_TLS_CAFILE": "/etc/ca.pem"}
+    with pytest.raises(ConfigError) as caught:
+        load("", tmp_path, environ)
+    assert caught.value.mistakes == (
+        ("QUORUMQUEST_TLS_CAFILE", "environment variable names no known key"),
+    )

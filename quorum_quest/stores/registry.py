@@ -2,12 +2,14 @@
 
 Built-in stores and third-party ones alike are Python entry points in the group
 `quorum_quest.stores` (`name = "package.module:StoreClass"`), loaded lazily so that
-a backend's driver is imported only when that backend is configured.
+a backend's driver is imported only when that backend is configured. A built-in
+backend whose driver is not installed names the extra that installs it
+(`pip install quorum-quest[redis]`).
 """
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 from quorum_quest.stores.base import LockStore
 
@@ -49,7 +51,25 @@ def store_class(name: str) -> type[LockStore]:
         try:
             store = ep.load()
         except ImportError as exc:
-            raise UnknownBackend(name, f"backend {name!r} cannot be loaded: {exc}") from exc
+            raise UnknownBackend(name, _cannot_load(name, ep, exc)) from exc
         _registered[name] = store
         return store
     raise UnknownBackend(name)
+
+
+def _cannot_load(name: str, ep: EntryPoint, exc: ImportError) -> str:
+    """Why backend `name` cannot be loaded, in one line: for a package that is not
+    installed, the extra of the backend's distribution that installs it."""
+    missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+    if missing and not missing.startswith("quorum_quest.") and ep.dist is not None:
+        extras = ep.dist.metadata.get_all("Provides-Extra") or []
+        # A backend's extra is named after it; a backend without one (memory) needs
+        # only the service's packages.
+        extra = name if name in extras else "server" if "server" in extras else None
+        if extra is not None:
+            package = missing.partition(".")[0]
+            return (
+                f"backend {name!r} needs the {package!r} package, which is not installed:"
+                f" install {ep.dist.name}[{extra}]"
+            )
+    return f"backend {name!r} cannot be loaded: {exc}"

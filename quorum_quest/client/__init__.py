@@ -1,6 +1,8 @@
 """The async Python SDK."""
 
 from quorum_quest.client.client import Callbacks, LeaseSet, QuorumQuestClient
+from quorum_quest.client.connection import ClientTLS
 from quorum_quest.client.lease import Lease
+from quorum_quest.client.watch import LeaderChange
 
-__all__ = ["Callbacks", "Lease", "LeaseSet", "QuorumQuestClient"]
+__all__ = ["Callbacks", "ClientTLS", "Lease", "LeaderChange", "LeaseSet", "QuorumQuestClient"]

@@ -19,12 +19,26 @@ from typing import Any
 import anyio
 import grpc
 from anyio.abc import TaskGroup, TaskStatus
-from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from quorum_quest._rpc import SERVICE_NAME, LeaderElectionStub, wire
+from quorum_quest.client import watch as _watch
+from quorum_quest.client.connection import (
+    ClientTLS,
+    bearer_metadata,
+    open_channel,
+    token_from_environment,
+)
 from quorum_quest.client.lease import EXPIRED, RELEASED, Lease, LeaseKeeper, keep_alive
-from quorum_quest.errors import InvalidArgument, LeadershipLost, ServiceUnavailable
+from quorum_quest.client.tracing import client_interceptors
+from quorum_quest.errors import (
+    AccessRefused,
+    InvalidArgument,
+    LeadershipLost,
+    PermissionDenied,
+    QuotaExceeded,
+    ServiceUnavailable,
+    Unauthenticated,
+)
 
 # A library inside other programs: silent unless the application configures logging.
 logger = logging.getLogger("quorum_quest.client")
@@ -68,10 +82,12 @@ WAIT_FOR_RELEASE_S = 5.0
 
 @dataclass(frozen=True)
 class Callbacks:
-    """Called (sync or async) when this client becomes leader and when it stops being one."""
+    """Called (sync or async) when this client becomes leader and when it stops being one;
+    `on_new_leader` with each change of leader, only inside `client.watching()`."""
 
     on_leader_elected: LeaseCallback | None = None
     on_leader_lost: LeaseCallback | None = None
+    on_new_leader: _watch.NewLeaderCallback | None = None
 
 
 def _seconds(value: float | timedelta) -> float:
@@ -103,12 +119,6 @@ def _cancelled_from_outside(task: asyncio.Task[Any], cancelling_before: int) -> 
     return task.cancelling() > cancelling_before or anyio.current_effective_deadline() == -math.inf
 
 
-def _tracing_configured() -> bool:
-    """Whether the application has set a tracer provider (else the global one is a no-op)."""
-    provider = trace.get_tracer_provider()
-    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
-
-
 async def _answer(call: Awaitable[Any]) -> Any:
     """The answer to `call` (a grpc.aio call, or any awaitable of one's answer, such as
     a wrapped stub method); a caller cancelled meanwhile cancels the call.
@@ -120,8 +130,13 @@ async def _answer(call: Awaitable[Any]) -> Any:
     """
     if not isinstance(call, grpc.aio.Call):
         call = asyncio.ensure_future(call)
-    done = asyncio.get_running_loop().create_future()
-    call.add_done_callback(lambda _: done.done() or done.set_result(None))
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake(_: object) -> None:
+        if not done.done():
+            done.set_result(None)
+
+    call.add_done_callback(wake)
     try:
         await done
     except asyncio.CancelledError:
@@ -132,7 +147,18 @@ async def _answer(call: Awaitable[Any]) -> Any:
 
 def _duration_s(duration: Any) -> float:
     """A `google.protobuf.Duration` message in seconds (an unset one is 0)."""
-    return duration.seconds + duration.nanos / 1e9
+    return float(duration.seconds + duration.nanos / 1e9)
+
+
+# What a call that must not fail its caller (a release on the way out) logs instead.
+BEST_EFFORT_FAILURES = (ServiceUnavailable, InvalidArgument, AccessRefused)
+# Refusals for who the caller is: an answer, not an outage, so never retried as one
+# (a call-rate quota excepted, which `leadership()` and the keep-alive wait out).
+ACCESS_REFUSALS = {
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: QuotaExceeded,
+}
 
 
 def _rpc_error(exc: grpc.aio.AioRpcError) -> Exception:
@@ -140,6 +166,9 @@ def _rpc_error(exc: grpc.aio.AioRpcError) -> Exception:
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
         field, _, reason = details.partition(": ")
         return InvalidArgument(field, reason) if reason else InvalidArgument("request", details)
+    refusal = ACCESS_REFUSALS.get(exc.code())
+    if refusal is not None:
+        return refusal(f"{exc.code().name}: {details}")
     return ServiceUnavailable(f"{exc.code().name}: {details}", code=exc.code())
 
 
@@ -165,7 +194,14 @@ class QuorumQuestClient:
         keep_alive_interval: float | timedelta | None = None,
         rpc_timeout: float | timedelta | None = None,
         safety_margin: float | timedelta | None = None,
+        tls: ClientTLS | bool | None = None,
+        token: str | None = None,
     ) -> None:
+        """`tls`: a `ClientTLS`, True for TLS verified against the system's roots, False
+        for plaintext; `token`: a bearer token sent with every call ("" for none). Left
+        at None, each comes from the environment (`QUORUMQUEST_TLS*`,
+        `QUORUMQUEST_TOKEN`, `QUORUMQUEST_TOKEN_FILE`; see `quorum_quest.client.connection`),
+        and is plaintext without a token when that sets nothing."""
         self.service = service
         self.domain = domain
         self.address = address
@@ -192,6 +228,13 @@ class QuorumQuestClient:
             )
         if self.rpc_timeout <= 0:
             raise InvalidArgument("rpc_timeout", "must be positive")
+        if tls is None:
+            tls = ClientTLS.from_environment()
+        self.tls = ClientTLS() if tls is True else tls or None
+        if self.tls is not None:
+            self.tls.credentials()  # a missing or unreadable file is named here and now
+        self._token = token_from_environment() if token is None else token
+        self._metadata = bearer_metadata(self._token)
         self._channel: grpc.aio.Channel | None = None
         self._stub: LeaderElectionStub | None = None
         self._lease: Lease | None = None
@@ -211,21 +254,19 @@ class QuorumQuestClient:
         """The client's stub, speaking `quorum_quest._rpc.wire` messages; the channel
         opens on first use."""
         if self._stub is None:
-            # Client spans and W3C trace context when the application has configured
-            # OpenTelemetry by the first call; otherwise no interceptor, which would cost
-            # every call a task and ~30-70 us of CPU to record nothing.
-            interceptors = aio_client_interceptors() if _tracing_configured() else None
-            self._channel = grpc.aio.insecure_channel(
-                self.address,
-                options=_channel_options(self.ttl),
-                interceptors=interceptors,
+            # Client spans when the application has configured OpenTelemetry (`tracing`).
+            interceptors = client_interceptors()
+            self._channel = open_channel(
+                self.address, self.tls, self._token, _channel_options(self.ttl), interceptors
             )
             self._stub = LeaderElectionStub(self._channel, wire)
         return self._stub
 
     async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
-            return await _answer(method(request, timeout=timeout or self.rpc_timeout))
+            return await _answer(
+                method(request, timeout=timeout or self.rpc_timeout, metadata=self._metadata)
+            )
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error(exc) from None
 
@@ -241,7 +282,7 @@ class QuorumQuestClient:
         if self._lease is not None:
             try:
                 await self.release_lock()
-            except (ServiceUnavailable, InvalidArgument) as exc:
+            except BEST_EFFORT_FAILURES as exc:
                 logger.warning(
                     "could not release %s/%s on close: %s", self.service, self.domain, exc
                 )
@@ -295,7 +336,11 @@ class QuorumQuestClient:
         `wait` s for a release; True when this client leads (a new grant is a new
         `self._lease`)."""
         self._grant_in_doubt = True  # until the answer is in
-        response, sent_at = await self._grant(self.service, self.domain, wait)
+        try:
+            response, sent_at = await self._grant(self.service, self.domain, wait)
+        except (AccessRefused, InvalidArgument):
+            self._grant_in_doubt = False  # refused: nothing was granted
+            raise
         self._grant_in_doubt = False
         if not response.is_leader:
             await self._drop_lease("another client holds the lock")
@@ -355,7 +400,7 @@ class QuorumQuestClient:
             )
             try:
                 await self._release(service, domain, response.fencing_token)
-            except (ServiceUnavailable, InvalidArgument):
+            except BEST_EFFORT_FAILURES:
                 self._abandoned[service, domain] = response.fencing_token
             response = wire.TryAcquireLockResponse(is_leader=False)
         return response, sent_at
@@ -468,7 +513,7 @@ class QuorumQuestClient:
         on (service, domain); remember it as abandoned if that got no answer."""
         try:
             released = await self._release(service, domain, token)
-        except (ServiceUnavailable, InvalidArgument):
+        except BEST_EFFORT_FAILURES:
             if token:
                 self._abandoned[service, domain] = token
             raise
@@ -484,7 +529,7 @@ class QuorumQuestClient:
                 service=service, domain=domain, client_id=self.client_id, fencing_token=token
             ),
         )
-        return response.released
+        return bool(response.released)
 
     async def get_leader(self) -> tuple[str, int] | None:
         """The current holder's client_id and fencing token, or None when the lock is free."""
@@ -527,7 +572,9 @@ class QuorumQuestClient:
                 # Poll faster as the holder's lease nears its end, never busier than 50 ms.
                 hint = self._holder_hint or delay
                 pause = 0.0 if self._service_waited else max(0.05, min(delay, hint))
-            except ServiceUnavailable as exc:
+            except (ServiceUnavailable, QuotaExceeded) as exc:
+                # An outage or a quota (calls per second, leases held) is waited out;
+                # a refusal for credentials or rules is the caller's to see at once.
                 logger.warning("waiting for %s/%s: %s", self.service, self.domain, exc)
                 pause = delay
             await anyio.sleep(pause * random.uniform(0.5, 1.0))
@@ -547,7 +594,7 @@ class QuorumQuestClient:
                     leader = await self.get_leader()
                     if leader is not None and leader[0] == self.client_id:
                         await self._release_lease(self.service, self.domain, leader[1])
-            except (ServiceUnavailable, InvalidArgument) as exc:
+            except BEST_EFFORT_FAILURES as exc:
                 logger.warning(
                     "could not release the grant of %s/%s: %s", self.service, self.domain, exc
                 )
@@ -578,25 +625,31 @@ class QuorumQuestClient:
         cancelling = task.cancelling()
         lost: LeadershipLost | None = None
         try:
-            async with anyio.create_task_group() as guard:
+            try:
+                async with anyio.create_task_group() as guard:
 
-                async def keep() -> None:
-                    nonlocal lost
-                    reason = await self._keep_until_lost(lease)
-                    lost = LeadershipLost(f"lost {self.service}/{self.domain}: {reason}")
-                    guard.cancel_scope.cancel()
-
-                guard.start_soon(keep)
-                try:
-                    if lease is not held:
-                        await self._notify(self.callbacks.on_leader_elected, lease)
-                    if lease.is_valid:
-                        yield lease
-                    else:  # ran out before the keep-alive noticed: never enter the body
-                        reason = lease.end_reason or EXPIRED
+                    async def keep() -> None:
+                        nonlocal lost
+                        reason = await self._keep_until_lost(lease)
                         lost = LeadershipLost(f"lost {self.service}/{self.domain}: {reason}")
-                finally:
-                    guard.cancel_scope.cancel()
+                        guard.cancel_scope.cancel()
+
+                    guard.start_soon(keep)
+                    try:
+                        if lease is not held:
+                            await self._notify(self.callbacks.on_leader_elected, lease)
+                        if lease.is_valid:
+                            yield lease
+                        else:  # ran out before the keep-alive noticed: never enter the body
+                            reason = lease.end_reason or EXPIRED
+                            lost = LeadershipLost(f"lost {self.service}/{self.domain}: {reason}")
+                    finally:
+                        guard.cancel_scope.cancel()
+            except ExceptionGroup as errors:
+                # The body's error (or the keep-alive's) as itself, not in a group.
+                if len(errors.exceptions) == 1:
+                    raise errors.exceptions[0] from None
+                raise
         except asyncio.CancelledError:
             # A gRPC call cancelled by the keep-alive's cancel scope raises grpc's own
             # CancelledError, which anyio does not recognise as the scope's: the loss
@@ -608,7 +661,7 @@ class QuorumQuestClient:
                 if lost is None:
                     try:
                         await self.release_lock()
-                    except (ServiceUnavailable, InvalidArgument) as exc:
+                    except BEST_EFFORT_FAILURES as exc:
                         logger.warning(
                             "could not release %s/%s: %s", self.service, self.domain, exc
                         )
@@ -647,6 +700,22 @@ class QuorumQuestClient:
             if len(errors.exceptions) == 1:
                 raise errors.exceptions[0] from None
             raise
+
+    # -- watching who leads (client/watch.py) ---------------------------------------
+
+    def watch(
+        self, *locks: LockName, service: str | None = None
+    ) -> AsyncIterator[_watch.LeaderChange]:
+        """`async for change in client.watch():` the leader of this client's lock now,
+        then each change; or of `locks` (domains of this client's service, or (service,
+        domain) pairs) and of every lock of `service`. Resumes by itself when the stream
+        breaks, missing nothing (see `quorum_quest.client.watch`)."""
+        return _watch.watch_leaders(self, locks, service)
+
+    def watching(self, *locks: LockName, service: str | None = None) -> _watch.Watching:
+        """`async with client.watching():` call `callbacks.on_new_leader` with each change
+        of leader of what `watch()` would follow, for as long as the block runs."""
+        return _watch.following_leaders(self, locks, service)
 
 
 def _lock_name(service: str, name: LockName) -> tuple[str, str]:
@@ -706,19 +775,20 @@ class LeaseSet:
         """Try once to acquire every lock of the set not held now; the leases it got.
 
         Locks held by someone else are skipped. A lock the service could not answer
-        for is logged and left for the next try; `InvalidArgument` is raised.
+        for, or refused for a quota, is logged and left for the next try;
+        `InvalidArgument`, `Unauthenticated` and `PermissionDenied` are raised.
         """
         client = self._client
         missing = [lock for lock in self._locks if self.get(lock) is None]
         granted: list[Lease] = []
-        failed: list[tuple[tuple[str, str], ServiceUnavailable]] = []
+        failed: list[tuple[tuple[str, str], ServiceUnavailable | QuotaExceeded]] = []
         calls = anyio.CapacityLimiter(SET_CALL_CONCURRENCY)
 
         async def acquire(lock: tuple[str, str]) -> None:
             async with calls:
                 try:
                     response, sent_at = await client._grant(*lock)
-                except ServiceUnavailable as exc:
+                except (ServiceUnavailable, QuotaExceeded) as exc:
                     failed.append((lock, exc))
                     return
             if response.is_leader:
@@ -814,7 +884,7 @@ class LeaseSet:
                     await self._client._release_lease(
                         lease.service, lease.domain, lease.fencing_token
                     )
-                except (ServiceUnavailable, InvalidArgument) as exc:
+                except BEST_EFFORT_FAILURES as exc:
                     failures.append(exc)
             self._end(lease, RELEASED)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from quorum_quest.errors import LeadershipLost, ServiceUnavailable
+from quorum_quest.errors import AccessRefused, LeadershipLost, QuotaExceeded, ServiceUnavailable
 
 RELEASED = "released by this client"
 EXPIRED = "the lease expired before it could be renewed"
@@ -257,13 +257,20 @@ class LeaseKeeper:
                 answers = await self._renew(
                     [schedule.lease for schedule in live], min(self._rpc_timeout, left)
                 )
+            except AccessRefused as exc:
+                if not isinstance(exc, QuotaExceeded):
+                    # Refused for who this client is (credentials revoked, a rule
+                    # changed): no retry will renew these leases, so they end now.
+                    for schedule in live:
+                        if self._current(schedule):
+                            self._lose(schedule, f"the service refused to renew it: {exc}")
+                    return
+                # Over the call-rate quota: like an outage, waited out while they hold.
+                self._retry_later(live)
+                return
             except ServiceUnavailable:
                 # One failed call is not a loss: retry while the leases still hold.
-                pause = live[0].backoff * random.uniform(0.5, 1.0)
-                retry_at = time.monotonic() + pause
-                for schedule in live:
-                    schedule.backoff = min(schedule.backoff * 2, self._interval)
-                    self._settle(schedule, retry_at)
+                self._retry_later(live)
                 return
         answered_at = time.monotonic()
         for schedule, answer in zip(live, answers, strict=True):
@@ -279,6 +286,13 @@ class LeaseKeeper:
                 lease._renewed(sent_at, ttl, self._margin, token)
                 schedule.backoff = RETRY_FIRST_S
                 self._settle(schedule, sent_at + self._interval)
+
+    def _retry_later(self, schedules: list[_Schedule]) -> None:
+        """Renew `schedules` again after their backoff (doubled each time, up to the interval)."""
+        retry_at = time.monotonic() + schedules[0].backoff * random.uniform(0.5, 1.0)
+        for schedule in schedules:
+            schedule.backoff = min(schedule.backoff * 2, self._interval)
+            self._settle(schedule, retry_at)
 
     def _settle(self, schedule: _Schedule, due: float) -> None:
         if self._current(schedule):

@@ -179,6 +179,17 @@ async def test_leadership_releases_on_exit(address: str) -> None:
         assert await client.get_leader() is None
 
 
+async def test_an_error_raised_in_the_leadership_body_comes_out_as_itself(address: str) -> None:
+    class Refused(Exception):
+        pass
+
+    async with QuorumQuestClient("svc", lock_name(), 10, address) as client:
+        with pytest.raises(Refused):  # not an ExceptionGroup holding it
+            async with client.leadership():
+                raise Refused("the body's own error")
+        assert await client.get_leader() is None  # released all the same
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

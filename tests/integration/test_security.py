@@ -41,16 +41,6 @@ StatusCode = grpc.StatusCode
 
 
 @pytest.fixture
-def ca(tmp_path: Path) -> Authority:
-    return Authority(tmp_path)
-
-
-@pytest.fixture
-def server_cert(ca: Authority) -> Issued:
-    return ca.issue("server", server=True)
-
-
-@pytest.fixture
 def records() -> Iterator[list[dict[str, Any]]]:
     """Every record the service logs during the test, DEBUG and up."""
     seen: list[dict[str, Any]] = []

@@ -1,0 +1,5 @@
+import sys
+
+from quorum_quest.command import main
+
+sys.exit(main())

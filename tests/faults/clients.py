@@ -162,10 +162,13 @@ class Recorded:
         self._via = via
         self._recorder = recorder
 
-    async def __call__(self, request: Any, *, timeout: float | None = None) -> Any:
+    async def __call__(
+        self, request: Any, *, timeout: float | None = None, metadata: Any = None
+    ) -> Any:
         send = time.monotonic()
         try:
-            response = await self._method(request, timeout=timeout)
+            extra = {} if metadata is None else {"metadata": metadata}
+            response = await self._method(request, timeout=timeout, **extra)
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
             # Unanswered, or abandoned by a cancelled caller: the request may still have
             # been served. A release names its lease whether it was answered or not.

@@ -625,13 +625,14 @@ async def test_unreachable_endpoint_is_unavailable_within_the_deadline() -> None
     with pytest.raises(StoreUnavailable) as caught:
         await store.acquire(LockKey("svc", "dom"), "alice", LONG_MS)
     elapsed = time.monotonic() - began
-    with pytest.raises(StoreUnavailable, match="Could not connect"):
+    with pytest.raises(StoreUnavailable, match="cannot connect"):
         await store.check_state()  # a failure, never a grace period
     await store.close()
     assert elapsed < 0.8 + DEADLINE_SLACK_S, elapsed
     assert caught.value.backend == "dynamodb"
     assert "http://127.0.0.1" in caught.value.detail
-    assert "Could not connect to the endpoint URL" in caught.value.detail
+    assert "cannot connect" in caught.value.detail
+    assert str(caught.value).count("127.0.0.1") == 1  # the endpoint is named once
 
 
 async def test_endpoint_that_never_answers_is_unavailable_within_the_deadline() -> None:

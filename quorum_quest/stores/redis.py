@@ -8,6 +8,8 @@ Keys (with the default `key_prefix: lock`):
                                        last_token, ...}
     lock:probe                         the health probe's write, deleted at once
     lock:released                      pub/sub channel: releases of awaited locks
+    lock:changes                       pub/sub channel: every grant and release, for
+                                       the leadership watch
 
 service and domain are percent-encoded, so ':' inside a name cannot make two pairs
 collide, and '{'/'}' cannot break the hash tag. A batch of renewals is one write of
@@ -19,6 +21,16 @@ flag, or lengthens it (never shortens: another caller may wait longer); a releas
 that finds the flag publishes the lock's name, and every service instance subscribed
 (the one the service starts with `notify_releases`) wakes its waiters on that lock,
 wherever the release came in.
+
+The leadership watch. The scripts that grant and release publish each change on
+`lock:changes` (`g <token> <ttl_ms> <lock> <holder>`, `r <token> <lock>`; the lock's name
+percent-encoded, so the spaces are the only ones before the holder), in the same atomic
+step as the change, so a subscriber hears the changes of one lock in order. A PUBLISH
+nobody listens to costs Redis ~1 µs; an instance listens (`follow`, on a connection of
+its own) only while some stream watches. Pub/sub may drop messages while a subscriber
+is disconnected: `follow` ends with `StoreUnavailable`, and the watch subscribes again
+and reads what it follows afresh. Expiry is never published (Redis expires the key
+silently): the watch reads a lock again at its lease end.
 
 Fencing tokens. A free lock leaves nothing in Redis: its hash goes with its lease
 (released, or expired by Redis), so a workload of ever new lock names never fills
@@ -60,7 +72,8 @@ backlog gets its first replica, and when it frees the backlog after
 `repl-backlog-ttl` without replicas) loses nothing: the marker just takes it on.
 The scripts run only on a primary (a replica answers READONLY), and touch the marker
 and the lock's keys together, so the store runs against one Redis primary
-(standalone or behind Sentinel), not Redis Cluster.
+(standalone or behind Sentinel). On Redis Cluster (`store.cluster`) each hash slot has
+a marker of its own: quorum_quest.stores.redis_cluster.
 
 Eviction. A lease is a key with a TTL: under any `maxmemory-policy` but `noeviction`
 Redis may evict it while the marker stays, and the lock would be granted again with
@@ -96,6 +109,7 @@ from quorum_quest.stores._redis_pipe import RedisPipe
 from quorum_quest.stores.base import (
     Acquisition,
     Holder,
+    LockChange,
     LockKey,
     LockStore,
     Renewal,
@@ -165,8 +179,9 @@ return {left, detected, why}
 )
 
 # KEYS[1] lock hash, KEYS[2] the lock's counter of earlier versions, KEYS[3] state marker;
-# ARGV[1] client_id, ARGV[2] ttl_ms, ARGV[3] grace_ms. A grant's first write is the
-# marker's `last_token` (refused when Redis is out of memory: the script has no effect).
+# ARGV[1] client_id, ARGV[2] ttl_ms, ARGV[3] grace_ms, ARGV[4] the changes channel and
+# ARGV[5] the lock's name (a grant is published there when given). A grant's first write is
+# the marker's `last_token` (refused when Redis is out of memory: the script has no effect).
 # -> {1, token, holder, ttl_ms} when granted, {2, ...} when the caller's lease was refreshed,
 #    {0, token, holder, pttl} when someone else holds it,
 #    {3, 0, '', grace left ms} during the state-loss grace period;
@@ -191,6 +206,10 @@ if lease[1] == false then
   if counter then redis.call('DEL', KEYS[2]) end
   redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'token', string.format('%d', token))
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  if ARGV[4] then
+    redis.call('PUBLISH', ARGV[4], 'g ' .. string.format('%d', token) .. ' ' .. ARGV[2] ..
+      ' ' .. ARGV[5] .. ' ' .. ARGV[1])
+  end
   return reply(1, token, ARGV[1], tonumber(ARGV[2]))
 end
 if lease[1] == ARGV[1] then
@@ -242,13 +261,16 @@ return answers
 )
 
 # KEYS[1] lock hash, KEYS[2] its waiting flag; ARGV[1] client_id, ARGV[2] token or '0'
-# for any, ARGV[3] the release channel, ARGV[4] the lock's name. -> 1 if deleted.
-# A release of a lock someone waits on (the flag is set) is published.
+# for any, ARGV[3] the release channel, ARGV[4] the lock's name, ARGV[5] the changes
+# channel (when given). -> 1 if deleted.
+# A release of a lock someone waits on (the flag is set) is published on the release
+# channel; every release on the changes channel.
 _RELEASE = _Script("""
 local lease = redis.call('HMGET', KEYS[1], 'holder', 'token')
 if lease[1] == ARGV[1] and (ARGV[2] == '0' or lease[2] == ARGV[2]) then
   redis.call('DEL', KEYS[1])
   if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+  if ARGV[5] then redis.call('PUBLISH', ARGV[5], 'r ' .. lease[2] .. ' ' .. ARGV[4]) end
   return 1
 end
 return 0
@@ -282,6 +304,27 @@ if lease[1] == false then return {} end
 return {lease[1], tonumber(lease[2]), redis.call('PTTL', KEYS[1])}
 """)
 
+# ARGV[1] a SCAN cursor, ARGV[2] the MATCH pattern, ARGV[3] COUNT. One step of a scan for
+# held locks: -> {next cursor, then per lock found: key, holder, token, pttl}. Each step
+# is bounded by COUNT, so Redis is never busy long.
+_SCAN_LEADERS = _Script("""
+local step = redis.call('SCAN', ARGV[1], 'MATCH', ARGV[2], 'COUNT', ARGV[3], 'TYPE', 'hash')
+local found = {step[1]}
+for _, key in ipairs(step[2]) do
+  local lease = redis.call('HMGET', key, 'holder', 'token')
+  if lease[1] then
+    local ttl = redis.call('PTTL', key)
+    if ttl > 0 then
+      table.insert(found, key)
+      table.insert(found, lease[1])
+      table.insert(found, tonumber(lease[2]))
+      table.insert(found, ttl)
+    end
+  end
+end
+return found
+""")
+
 
 class RedisSettings(StoreSettings):
     host: str = "localhost"
@@ -300,15 +343,23 @@ class RedisSettings(StoreSettings):
     )
     master_name: str = Field(default="mymaster", description="the primary's name in Sentinel")
     sentinel_password: str = ""
+    cluster: bool = Field(
+        default=False,
+        description="Redis Cluster: host/port, url or nodes name seed nodes "
+        "(quorum_quest.stores.redis_cluster)",
+    )
+    nodes: list[str] = Field(
+        default_factory=list, description="Redis Cluster seed nodes, host:port (with cluster)"
+    )
 
-    @field_validator("sentinels", mode="before")
+    @field_validator("sentinels", "nodes", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("sentinels")
+    @field_validator("sentinels", "nodes")
     @classmethod
     def _host_port(cls, value: list[str]) -> list[str]:
         for address in value:
@@ -339,6 +390,8 @@ WAITING_SLACK_MS = 1_000
 # The release subscriber reads with this timeout (so it checks its connection), and
 # waits this long before subscribing again after losing it.
 SUBSCRIBER_POLL_S = 1.0
+# Keys one step of a scan for a service's held locks looks at.
+SCAN_COUNT = 1_000
 
 # `_ACQUIRE`'s outcome while the state-loss grace period lasts.
 _GRACE_PERIOD = 3
@@ -351,6 +404,7 @@ _SCRIPTS = (
     _EXPECT_RELEASE,
     _PROBE,
     _GET_LEADER,
+    _SCAN_LEADERS,
 )
 # The only `maxmemory-policy` under which Redis never deletes a lease before its TTL.
 SAFE_EVICTION_POLICY = "noeviction"
@@ -367,11 +421,20 @@ class RedisStore(LockStore):
     settings_model = RedisSettings
     settings: RedisSettings
 
+    def __new__(cls, settings: RedisSettings, *, grace_ms: int = 0) -> RedisStore:
+        """`store.cluster: true` makes the store a `RedisClusterStore`."""
+        if cls is RedisStore and settings.cluster:
+            from quorum_quest.stores.redis_cluster import RedisClusterStore
+
+            return super().__new__(RedisClusterStore)
+        return super().__new__(cls)
+
     def __init__(self, settings: RedisSettings, *, grace_ms: int = 0) -> None:
         super().__init__(settings, grace_ms=grace_ms)
         self._marker = f"{settings.key_prefix}:state"
         self._probe = f"{settings.key_prefix}:probe"
         self._channel = f"{settings.key_prefix}:released"
+        self._changes = f"{settings.key_prefix}:changes"
         self._subscriber: asyncio.Task[None] | None = None
         # Scripts run over one pipelined connection (`RedisPipe`): each command costs
         # a few µs of CPU instead of redis-py's ~60. Sentinel deployments use
@@ -434,6 +497,10 @@ class RedisStore(LockStore):
     def _lock_key(self, key: LockKey) -> str:
         return f"{self.settings.key_prefix}:{{{_lock_name(key)}}}"
 
+    def _marker_of(self, lock: str) -> str:
+        """The state marker that guards the lock key `lock` (Redis Cluster: one per slot)."""
+        return self._marker
+
     def _noticed(self, detected: int, why: bytes | str) -> None:
         """Log a state loss that a script just found and recorded (once per loss)."""
         if not detected:
@@ -464,6 +531,14 @@ class RedisStore(LockStore):
                 cause,
             )
 
+    def _unavailable(self, exc: Exception) -> StoreUnavailable:
+        """`exc` as a `StoreUnavailable` naming the address once: the pipe's errors
+        begin with it, redis-py's do not."""
+        detail = str(exc)
+        if self._pipe is None or not detail.startswith(self._pipe.where):
+            detail = f"{self._where}: {detail}"
+        return StoreUnavailable(self.backend, detail)
+
     async def _run(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
         try:
             if self._pipe is not None:
@@ -476,7 +551,7 @@ class RedisStore(LockStore):
                 await self._redis.script_load(script.source)
                 return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(self.backend, f"{self._where}: {exc}") from exc
+            raise self._unavailable(exc) from exc
 
     async def _run_each(self, script: _Script, keys: list[list[str]], args: list[Any]) -> list[Any]:
         """Run `script` once per key list (with the same `args`) in one round trip, in order."""
@@ -497,7 +572,7 @@ class RedisStore(LockStore):
                     raise reply
             return replies
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(self.backend, f"{self._where}: {exc}") from exc
+            raise self._unavailable(exc) from exc
 
     async def _pipeline(self, script: _Script, keys: list[list[str]], args: list[Any]) -> list[Any]:
         assert self._redis is not None
@@ -559,7 +634,9 @@ class RedisStore(LockStore):
     async def acquire(self, key: LockKey, client_id: str, ttl_ms: int) -> Acquisition:
         lock = self._lock_key(key)
         outcome, token, holder, ttl, detected, why = await self._run(
-            _ACQUIRE, [lock, f"{lock}:token", self._marker], [client_id, ttl_ms, self.grace_ms]
+            _ACQUIRE,
+            [lock, f"{lock}:token", self._marker_of(lock)],
+            [client_id, ttl_ms, self.grace_ms, self._changes, _lock_name(key)],
         )
         self._noticed(detected, why)
         if outcome == _GRACE_PERIOD:
@@ -569,10 +646,9 @@ class RedisStore(LockStore):
         )
 
     async def keep_alive(self, key: LockKey, client_id: str, ttl_ms: int) -> Renewal:
+        lock = self._lock_key(key)
         reply = await self._run(
-            _KEEP_ALIVE,
-            [self._lock_key(key), self._marker],
-            [client_id, ttl_ms, self.grace_ms],
+            _KEEP_ALIVE, [lock, self._marker_of(lock)], [client_id, ttl_ms, self.grace_ms]
         )
         return self._renewal(reply)
 
@@ -601,7 +677,7 @@ class RedisStore(LockStore):
     async def release(self, key: LockKey, client_id: str, token: int = 0) -> bool:
         lock = self._lock_key(key)
         keys = [lock, f"{lock}:waiting"]
-        args = [client_id, str(token), self._channel, _lock_name(key)]
+        args = [client_id, str(token), self._channel, _lock_name(key), self._changes]
         return bool(await self._run(_RELEASE, keys, args))
 
     async def expect_release(self, key: LockKey, wait_ms: int) -> None:
@@ -679,12 +755,86 @@ class RedisStore(LockStore):
             host=settings.host, port=settings.port, db=settings.db, ssl=settings.tls, **options
         )
 
+    # -- the leadership watch --------------------------------------------------------
+
+    tells_changes = True
+
+    async def follow(
+        self, changed: Callable[[LockChange], None], synced: Callable[[], None]
+    ) -> None:
+        """Hand every change published on the changes channel to `changed`, on a
+        connection of its own; `StoreUnavailable` when the subscription is lost."""
+        client = self._redis or self._subscriber_client()
+        try:
+            async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                await pubsub.subscribe(self._changes)
+                synced()
+                while True:
+                    message = await pubsub.get_message(timeout=SUBSCRIBER_POLL_S)
+                    if message is not None:
+                        self._tell(message.get("data"), changed)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        finally:
+            if client is not self._redis:
+                await client.aclose()
+
+    def _tell(self, data: Any, changed: Callable[[LockChange], None]) -> None:
+        """`changed(...)` for one published change; log and skip one that cannot be read."""
+        try:
+            kind, token, rest = data.decode().split(" ", 2)
+            if kind == "g":
+                ttl_ms, name, holder = rest.split(" ", 2)
+                change = LockChange(_lock_of(name.encode()), holder, int(token), int(ttl_ms))
+            else:
+                change = LockChange(_lock_of(rest.encode()), "", int(token))
+        except (AttributeError, UnicodeDecodeError, ValueError) as exc:
+            logger.warning(
+                "redis changes on {}: skipped a message that names no change ({!r}: {})",
+                self._changes,
+                data[:100] if isinstance(data, bytes | str) else data,
+                exc,
+            )
+            return
+        changed(change)
+
+    async def get_leaders(self, keys: Sequence[LockKey]) -> list[Holder | None]:
+        if not keys:
+            return []
+        leases = await self._run_each(_GET_LEADER, [[self._lock_key(key)] for key in keys], [])
+        return [
+            Holder(lease[0].decode(), int(lease[1]), max(0, int(lease[2]))) if lease else None
+            for lease in leases
+        ]
+
+    async def leaders(self, service: str) -> dict[LockKey, Holder]:
+        """A SCAN for the service's lock keys, in steps of `SCAN_COUNT` keys: O(keys in
+        the database), so the watch does it only when a stream starts or resyncs."""
+        prefix = _glob_escape(self.settings.key_prefix)
+        pattern = f"{prefix}:{{{quote(service, safe='')}:*}}"
+        start = len(self.settings.key_prefix) + 2
+        held: dict[LockKey, Holder] = {}
+        cursor: bytes | str = "0"
+        while True:
+            cursor, *found = await self._run(_SCAN_LEADERS, [], [cursor, pattern, SCAN_COUNT])
+            for index in range(0, len(found), 4):
+                key, holder, token, ttl = found[index : index + 4]
+                lock = _lock_of(key[start:-1])
+                held[lock] = Holder(holder.decode(), int(token), int(ttl))
+            if cursor in (b"0", "0"):
+                return held
+
     async def get_leader(self, key: LockKey) -> Holder | None:
         lease = await self._run(_GET_LEADER, [self._lock_key(key)], [])
         if not lease:
             return None
         holder, token, remaining = lease
         return Holder(holder.decode(), int(token), max(0, int(remaining)))
+
+
+def _glob_escape(text: str) -> str:
+    """`text` matched literally by a Redis glob pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 def _lock_name(key: LockKey) -> str:

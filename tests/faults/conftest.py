@@ -15,8 +15,15 @@ import pytest
 from tests.backends.cassandra import CassandraProcess
 from tests.backends.dynamodb import dynalite_process
 from tests.backends.redis import RedisProcess
+from tests.backends.redis_cluster import RedisCluster
 from tests.backends.sentinel import SentinelTopology
-from tests.faults.faults import Fault, SentinelFailover
+from tests.faults.faults import (
+    ClusterFailover,
+    ClusterPrimaryRestart,
+    ClusterSlotMigration,
+    Fault,
+    SentinelFailover,
+)
 from tests.faults.scenario import Backend
 
 _LINES = pytest.StashKey[list[str]]()
@@ -64,6 +71,10 @@ def _own_backend(backend: str, fault: Fault, stack: ExitStack) -> Backend:
         topology = stack.enter_context(SentinelTopology())
         store = {"sentinels": topology.sentinel_addresses, "master_name": topology.master_name}
         return Backend(backend, store | _TIMEOUTS[backend], topology)
+    if isinstance(fault, ClusterFailover | ClusterPrimaryRestart | ClusterSlotMigration):
+        cluster = stack.enter_context(RedisCluster())
+        store = {"cluster": True, "nodes": cluster.seeds[:2]}
+        return Backend(backend, store | _TIMEOUTS[backend], cluster)
     if backend == "redis":
         server = stack.enter_context(RedisProcess())
         return Backend(backend, {"url": server.url} | _TIMEOUTS[backend], server)

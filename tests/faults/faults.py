@@ -14,6 +14,10 @@ import time
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
+from redis.crc import key_slot
+
+from quorum_quest.stores.base import LockKey
+from quorum_quest.stores.redis import _lock_name
 from tests.faults.history import FaultWindow
 
 if TYPE_CHECKING:
@@ -195,3 +199,84 @@ class SentinelFailover(Fault):
 
     def restore(self, run: Run) -> None:
         run.backend.process.restart_killed()
+
+
+def _lock_slot(run: Run) -> int:
+    """The Redis Cluster slot of the scenario's lock."""
+    from tests.faults.scenario import SERVICE  # here: scenario imports this module
+
+    return key_slot(_lock_name(LockKey(SERVICE, run.domain)).encode())
+
+
+class ClusterFailover(Fault):
+    """kill -9 the Redis Cluster primary that serves the scenario's lock
+    (`run.backend.process`: a `RedisCluster`); its replica, which may lack the last
+    writes, takes over, and the store starts the grace period for that shard's slots."""
+
+    name = "cluster-failover"
+    own_backend = True
+    state_loss = True
+
+    def inject(self, run: Run) -> FaultWindow:
+        cluster = run.backend.process
+        slot = _lock_slot(run)
+
+        def fail_over() -> None:
+            cluster.kill_primary_of(slot)
+            cluster.wait_for_failover(slot)
+
+        return run.timed(
+            "kill -9 the lock's Redis Cluster primary, replica failover", fail_over, blocking=True
+        )
+
+    def restore(self, run: Run) -> None:
+        run.backend.process.restart_killed()
+
+
+class ClusterPrimaryRestart(Fault):
+    """kill -9 the Redis Cluster primary that serves the scenario's lock and start it
+    again at once, empty (`run.backend.process`: a `RedisCluster`). Its replica is
+    stopped first, so that no failover races the restart: the primary comes back with
+    its slots and none of their data."""
+
+    name = "cluster-primary-restart"
+    own_backend = True
+    state_loss = True
+
+    def inject(self, run: Run) -> FaultWindow:
+        cluster = run.backend.process
+        primary = cluster.owner(_lock_slot(run))
+        replica = cluster.replica_of(primary)
+        replica.kill()
+        cluster.killed.append(replica)
+
+        def restart() -> None:
+            primary.restart()
+            cluster.wait_until_ok()
+
+        return run.timed(
+            "kill -9 the lock's Redis Cluster primary, restart empty", restart, blocking=True
+        )
+
+    def restore(self, run: Run) -> None:
+        run.backend.process.restart_killed()
+
+
+class ClusterSlotMigration(Fault):
+    """Move the slot of the scenario's lock to another Redis Cluster primary while the
+    clients race (`run.backend.process`: a `RedisCluster`). No data is lost, but the
+    slot's state marker names the old primary: the new one starts the slot's grace
+    period (docs/backends/redis.md, Redis Cluster, limits)."""
+
+    name = "cluster-slot-migration"
+    own_backend = True
+    state_loss = True
+
+    def inject(self, run: Run) -> FaultWindow:
+        cluster = run.backend.process
+        slot = _lock_slot(run)
+        return run.timed(
+            "migrate the lock's Redis Cluster slot to another primary",
+            lambda: cluster.migrate_slot(slot),
+            blocking=True,
+        )

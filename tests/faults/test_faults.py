@@ -29,6 +29,9 @@ from quorum_quest.stores.scylladb import RECONNECT_DELAY_MS
 from tests.faults.clients import observed, record_calls
 from tests.faults.cluster import ServiceInstance
 from tests.faults.faults import (
+    ClusterFailover,
+    ClusterPrimaryRestart,
+    ClusterSlotMigration,
     Fault,
     KillInstance,
     Latency,
@@ -70,7 +73,13 @@ _SHARED_FAULTS: list[Fault] = [
     Latency(),
 ]
 _OWN_BACKEND_FAULTS: dict[str, list[Fault]] = {
-    "redis": [RestartBackend(state_loss=True), SentinelFailover()],
+    "redis": [
+        RestartBackend(state_loss=True),
+        SentinelFailover(),
+        ClusterFailover(),
+        ClusterPrimaryRestart(),
+        ClusterSlotMigration(),
+    ],
     # A durable node replays its commit log: an outage, with no state lost.
     "scylladb": [RestartBackend(state_loss=False, reconnect_s=RECONNECT_DELAY_MS / 1000)],
     # dynalite keeps its tables in memory: a restart loses them.

@@ -100,7 +100,7 @@ from urllib.parse import quote, unquote
 
 import redis.asyncio as aioredis
 from loguru import logger
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import NoScriptError, RedisError
 
@@ -366,6 +366,20 @@ class RedisSettings(StoreSettings):
             host, _, port = address.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"{address!r} is not host:port")
+        return value
+
+    @field_validator("cluster")
+    @classmethod
+    def _not_behind_sentinel(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("sentinels"):
+            raise ValueError("Redis Cluster runs without Sentinel: set cluster or sentinels")
+        return value
+
+    @field_validator("nodes")
+    @classmethod
+    def _only_with_cluster(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if value and not info.data.get("cluster"):
+            raise ValueError("nodes are Redis Cluster seeds: set cluster: true as well")
         return value
 
     @field_validator("key_prefix")

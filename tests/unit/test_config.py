@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from quorum_quest._env import CLIENT_VARIABLES
 from quorum_quest.config.loader import find_config_file, load_settings
@@ -427,3 +428,20 @@ def test_an_unknown_variable_is_still_refused_next_to_the_clients_variables(
     assert caught.value.mistakes == (
         ("QUORUMQUEST_TLS_CAFILE", "environment variable names no known key"),
     )
+
+
+@pytest.mark.parametrize(
+    ("store", "path", "reason"),
+    [
+        ({"cluster": True, "sentinels": ["127.0.0.1:26379"]}, "store.cluster", "Sentinel"),
+        ({"nodes": ["127.0.0.1:7000"]}, "store.nodes", "cluster: true"),
+    ],
+)
+def test_redis_cluster_keys_that_contradict_each_other_are_named(
+    tmp_path: Path, store: dict[str, object], path: str, reason: str
+) -> None:
+    file = tmp_path / "config.yaml"
+    file.write_text(yaml.safe_dump({"backend": {"type": "redis"}, "store": store}))
+    with pytest.raises(ConfigError) as error:
+        load_settings(file, {})
+    assert error.value.path == path and reason in error.value.reason

@@ -402,8 +402,12 @@ class ScyllaStore(LockStore):
             "connect_timeout": settings.connect_timeout,
             "application_name": "quorum-quest",
             # Retry a lost node every RECONNECT_DELAY_MS: the driver's default backs off
-            # to a minute, so calls kept failing long after the node was back.
+            # to a minute, so calls kept failing long after the node was back. acsylla
+            # applies its exponential policy (2 s doubling to 60 s by default) over the
+            # constant one, so that one is pinned to the same delay too.
             "constant_reconnect_delay_ms": RECONNECT_DELAY_MS,
+            "exponential_reconnect_base_delay_ms": RECONNECT_DELAY_MS,
+            "exponential_reconnect_max_delay_ms": RECONNECT_DELAY_MS,
         }
         if settings.username:
             options.update(username=settings.username, password=settings.password)

@@ -81,7 +81,9 @@ _OWN_BACKEND_FAULTS: dict[str, list[Fault]] = {
         ClusterSlotMigration(),
     ],
     # A durable node replays its commit log: an outage, with no state lost.
-    "scylladb": [RestartBackend(state_loss=False, reconnect_s=RECONNECT_DELAY_MS / 1000)],
+    "scylladb": [
+        RestartBackend(state_loss=False, reconnect_s=RECONNECT_DELAY_MS / 1000, until_serving=True)
+    ],
     # dynalite keeps its tables in memory: a restart loses them.
     "dynamodb": [RestartBackend(state_loss=True)],
 }

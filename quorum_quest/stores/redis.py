@@ -548,7 +548,7 @@ class RedisStore(LockStore):
     def _unavailable(self, exc: Exception) -> StoreUnavailable:
         """`exc` as a `StoreUnavailable` naming the address once: the pipe's errors
         begin with it, redis-py's do not."""
-        detail = str(exc)
+        detail = str(exc) or type(exc).__name__  # some of redis-py's carry no message
         if self._pipe is None or not detail.startswith(self._pipe.where):
             detail = f"{self._where}: {detail}"
         return StoreUnavailable(self.backend, detail)

@@ -189,6 +189,11 @@ class RedisClusterStore(RedisStore):
             )
             self._where = f"cluster {settings.host}:{settings.port}"
         self._next_subscription = 0
+        # Calls in flight, all primaries together. redis-py's cluster client fails a
+        # call at once (MaxConnectionsError) when its node has `max_connections` busy,
+        # where the other Redis clients of the store wait for one; so calls wait here,
+        # one place short of the cap, which the release subscriber may take.
+        self._calls = asyncio.Semaphore(max(1, settings.max_connections - 1))
 
     # -- keys --------------------------------------------------------------------------
 
@@ -203,11 +208,12 @@ class RedisClusterStore(RedisStore):
     async def _run(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
         """`script` on the primary that owns `keys` (one slot); with no keys, on any."""
         try:
-            try:
-                return await self._cluster.evalsha(script.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                # That primary lost its script cache (restart, failover): EVAL loads it.
-                return await self._cluster.eval(script.source, len(keys), *keys, *args)
+            async with self._calls:
+                try:
+                    return await self._cluster.evalsha(script.sha, len(keys), *keys, *args)
+                except NoScriptError:
+                    # That primary lost its script cache (restart, failover): EVAL loads it.
+                    return await self._cluster.eval(script.source, len(keys), *keys, *args)
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc) from exc
 
@@ -235,7 +241,7 @@ class RedisClusterStore(RedisStore):
         args: list[Any],
         script: _Script | None = None,
     ) -> list[Any]:
-        async with self._cluster.pipeline() as pipeline:
+        async with self._calls, self._cluster.pipeline() as pipeline:
             for each in keys:
                 # redis-py blocks the `evalsha` method of a cluster pipeline (a script's
                 # keys could span slots); ours are of one slot, routed by the first.
@@ -258,14 +264,15 @@ class RedisClusterStore(RedisStore):
         return [slot for slot, nodes in cache_.items() if nodes and nodes[0].name == node.name]
 
     async def _eval_on(self, node: ClusterNode, script: _Script, args: list[Any]) -> Any:
-        try:
-            return await self._cluster.execute_command(
-                "EVALSHA", script.sha, 0, *args, target_nodes=node
-            )
-        except NoScriptError:
-            return await self._cluster.execute_command(
-                "EVAL", script.source, 0, *args, target_nodes=node
-            )
+        async with self._calls:
+            try:
+                return await self._cluster.execute_command(
+                    "EVALSHA", script.sha, 0, *args, target_nodes=node
+                )
+            except NoScriptError:
+                return await self._cluster.execute_command(
+                    "EVAL", script.source, 0, *args, target_nodes=node
+                )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -328,7 +335,8 @@ class RedisClusterStore(RedisStore):
         failure: Exception | None = None
         for node in self._cluster.get_nodes():
             try:
-                info = await self._cluster.execute_command("CLUSTER INFO", target_nodes=node)
+                async with self._calls:
+                    info = await self._cluster.execute_command("CLUSTER INFO", target_nodes=node)
             except (RedisError, OSError) as exc:
                 failure = exc
                 continue

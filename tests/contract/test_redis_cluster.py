@@ -304,3 +304,20 @@ async def test_grants_and_releases_on_every_shard_are_followed(
     finally:
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
+
+
+async def test_more_concurrent_calls_than_connections_wait_for_one_instead_of_failing(
+    cluster_store: RedisClusterStore,
+) -> None:
+    # Far more calls in flight than `max_connections` (64) lets one primary have.
+    many = 20 * cluster_store.settings.max_connections
+    service = uuid.uuid4().hex
+    results = await answered(
+        lambda: asyncio.gather(
+            *(
+                cluster_store.acquire(LockKey(service, f"lock-{n}"), "me", 30_000)
+                for n in range(many)
+            )
+        )
+    )
+    assert all(result.acquired for result in results)

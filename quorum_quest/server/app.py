@@ -439,7 +439,8 @@ class LockServer:
             except (StoreUnavailable, TimeoutError) as exc:
                 ok = False
                 if runtime.store_reachable:
-                    logger.error("store stopped answering, health is NOT_SERVING: {}", exc)
+                    why = str(exc) or f"no answer within server.healthInterval ({interval:g} s)"
+                    logger.error("store stopped answering, health is NOT_SERVING: {}", why)
             if ok and not runtime.store_reachable:
                 logger.info("store answers again, health is SERVING")
             if ok != runtime.store_reachable:

@@ -15,7 +15,7 @@ import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,17 +173,23 @@ async def drive(
         tally.errors["harness:guard-timeout"] += 1
 
 
-def cpu_probe(target: Target, redis: int | None, on_redis: bool) -> CpuProbe:
+def cpu_probe(
+    target: Target, redis: int | Sequence[int] | None, on_redis: bool, replicas: Sequence[int] = ()
+) -> CpuProbe:
     """Reads the CPU seconds of this process (`client`), of the target's server process
     tree (`server`, unless the calls run in this process) and, for a target `on_redis`,
-    of redis-server (`redis`)."""
+    of redis-server (`redis`: the sum over several pids, a cluster's primaries), and of
+    a cluster's `replicas` apart (`redis_replicas`)."""
+    redis_pids = [redis] if isinstance(redis, int) else redis
 
     def read() -> dict[str, float | None]:
         used: dict[str, float | None] = {"client": time.process_time()}
         if target.pid is not None:
             used["server"] = cpu_seconds(process_tree(target.pid))
         if on_redis:
-            used["redis"] = None if redis is None else cpu_seconds([redis])
+            used["redis"] = None if redis_pids is None else cpu_seconds(redis_pids)
+        if replicas:
+            used["redis_replicas"] = cpu_seconds(replicas)
         return used
 
     return read

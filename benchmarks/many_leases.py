@@ -2,11 +2,15 @@
 
 uv run python -m benchmarks.many_leases [--leases 1000,10000,50000] [--ttl 15]
     [--duration 45] [--find-max [--factor 2] [--max-leases 400000]]
-    [--redis-url redis://127.0.0.1:6379/0] [--results-dir DIR]
+    [--redis-url redis://127.0.0.1:6379/0 | --redis-cluster] [--results-dir DIR]
 
 The service runs as its own process on the Redis store, started as the other targets
 start it (`benchmarks.targets.service_target`); Redis is a throw-away redis-server
-(`tests.backends.redis.RedisProcess`) unless --redis-url names one on 127.0.0.1. For
+(`tests.backends.redis.RedisProcess`) unless --redis-url names one on 127.0.0.1. With
+--redis-cluster the store runs in cluster mode (`cluster: true`) on a throw-away Redis
+Cluster of 3 primaries + 3 replicas on 127.0.0.1 (`tests.backends.redis_cluster`, as the
+`redis-cluster` target of `benchmarks.run`); its `redis` CPU is the sum over the
+primaries, the replicas' is reported apart (`redis_replicas`). For
 each lease count N, one SDK client (`QuorumQuestClient`, default timing: renewal every
 ttl/3, safety margin min(ttl/10, 1 s)) enters `client.leaderships()` with N locks of
 its own, so all N are kept alive by the SDK's one keep-alive loop with batched
@@ -48,15 +52,20 @@ from typing import Any
 
 from benchmarks.proc import children, command, cpu_seconds
 from benchmarks.run import counts
-from benchmarks.targets import delete_keys, service_target
+from benchmarks.targets import cluster_pids, cluster_store, delete_keys, service_target
 from quorum_quest import Callbacks, Lease, QuorumQuestClient
 from quorum_quest.client.lease import EXPIRED, RELEASED
 from quorum_quest.config.settings import LoggerSettings
 from quorum_quest.errors import ServiceUnavailable
 from quorum_quest.telemetry.logging import configure_logging
 from tests.backends.redis import RedisProcess
+from tests.backends.redis_cluster import RedisCluster
 
 RESULTS_DIR = Path(__file__).parent / "results"
+CLUSTER_NOTE = (
+    " in cluster mode on a Redis Cluster of 3 primaries + 3 replicas (CPU redis: the sum "
+    "over the primaries; the replicas' in the JSON, redis_replicas)"
+)
 RPC_TIMEOUT_S = 5.0  # the benchmark's own calls; the SDK's renewals use its defaults
 
 
@@ -122,7 +131,9 @@ class TimedClient(QuorumQuestClient):
         return answers
 
 
-async def run_step(address: str, count: int, ttl: float, duration: float) -> Step:
+async def run_step(
+    address: str, count: int, ttl: float, duration: float, primaries: frozenset[int]
+) -> Step:
     step = Step(count)
     service = f"qq-many-{uuid.uuid4().hex[:8]}"
     client = TimedClient(service, "unused", ttl, address, step=step)
@@ -136,9 +147,9 @@ async def run_step(address: str, count: int, ttl: float, duration: float) -> Ste
             if len(leases) != count:
                 print(f"only {len(leases)} of {count} leases were granted", file=sys.stderr)
             step.window_start = time.monotonic()
-            cpu_before = cpu_by_role()
+            cpu_before = cpu_by_role(primaries)
             await asyncio.sleep(duration)
-            cpu_after = cpu_by_role()
+            cpu_after = cpu_by_role(primaries)
             step.held_at_end = len(leases)
             step.window_start = math.inf  # renewals after the window are not counted
             step.cpu_s = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
@@ -147,15 +158,18 @@ async def run_step(address: str, count: int, ttl: float, duration: float) -> Ste
     return step
 
 
-def cpu_by_role() -> dict[str, float]:
+def cpu_by_role(primaries: frozenset[int] = frozenset()) -> dict[str, float]:
     """CPU seconds (user + system) so far of this process and of its children, by role.
 
-    The service and redis-server are this process's children; Linux only (`/proc`).
+    The service and redis-server are this process's children; Linux only (`/proc`). With
+    the pids of a cluster's `primaries`, the other redis-servers are `redis_replicas`.
     """
     used = {"client": time.process_time()}
     for pid in children(os.getpid()):
         line = command(pid)
         role = "redis" if b"redis-server" in line else "service" if b"quorum" in line else None
+        if role == "redis" and primaries and pid not in primaries:
+            role = "redis_replicas"
         if role:
             used[role] = used.get(role, 0.0) + cpu_seconds([pid])
     return used
@@ -167,10 +181,18 @@ def counts_after(first: list[int], factor: float, limit: int) -> list[int]:
     ]
 
 
-async def run_all(args: argparse.Namespace, redis_url: str) -> list[Step]:
+async def run_all(
+    args: argparse.Namespace, redis_url: str | None, cluster: RedisCluster | None = None
+) -> list[Step]:
+    """Every lease count, on the Redis at `redis_url` or on `cluster` (thrown away after)."""
     key_prefix = f"qq-bench-many-{uuid.uuid4().hex[:8]}"
     steps: list[Step] = []
-    store = {"url": redis_url, "key_prefix": key_prefix}
+    primaries: frozenset[int] = frozenset()
+    if cluster is not None:
+        store = cluster_store(cluster, key_prefix)
+        primaries = frozenset(cluster_pids(cluster)[0])
+    else:
+        store = {"url": redis_url, "key_prefix": key_prefix}
     try:
         async with service_target("many-leases", "redis", store, RPC_TIMEOUT_S) as target:
             address = target.address
@@ -180,13 +202,14 @@ async def run_all(args: argparse.Namespace, redis_url: str) -> list[Step]:
                 else args.leases
             )
             for count in plan:
-                step = await run_step(address, count, args.ttl, args.duration)
+                step = await run_step(address, count, args.ttl, args.duration, primaries)
                 steps.append(step)
                 print(progress_line(step), file=sys.stderr, flush=True)
                 if args.find_max and not step.sustained:
                     break
     finally:
-        await delete_keys(redis_url, key_prefix)
+        if redis_url is not None:
+            await delete_keys(redis_url, key_prefix)
     return steps
 
 
@@ -329,8 +352,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--factor", type=float, default=2.0)
     parser.add_argument("--max-leases", type=int, default=400_000)
     parser.add_argument("--redis-url", default=None, help="a Redis on 127.0.0.1 to use")
+    parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="the store in cluster mode on a throw-away Redis Cluster (3 primaries + 3 "
+        "replicas on 127.0.0.1)",
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
+    if args.redis_cluster and args.redis_url:
+        parser.error("--redis-cluster starts a cluster of its own: no --redis-url with it")
     if args.ttl <= 0 or args.duration <= 0 or args.factor <= 1:
         parser.error("--ttl and --duration must be positive, --factor above 1")
     if args.redis_url and "127.0.0.1" not in args.redis_url and "localhost" not in args.redis_url:
@@ -344,6 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.now(UTC)
     if args.redis_url:
         steps = asyncio.run(run_all(args, args.redis_url))
+    elif args.redis_cluster:
+        # Started in this thread: its nodes die with the thread that started them.
+        with RedisCluster() as cluster:
+            steps = asyncio.run(run_all(args, None, cluster))
     else:
         with RedisProcess() as redis_server:
             steps = asyncio.run(run_all(args, redis_server.url))
@@ -356,8 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"`{command}`\n",
             f"ttl {args.ttl:g} s (renewal every {args.ttl / 3:g} s), {args.duration:g} s "
             f"measured per count; one SDK client, the service in its own process on the "
-            f"Redis store, {os.cpu_count()} CPUs shared by the client, the service and "
-            "redis-server.\n",
+            f"Redis store{CLUSTER_NOTE if args.redis_cluster else ''}, {os.cpu_count()} CPUs "
+            "shared by the client, the service and redis-server.\n",
             table(rows),
         ]
     )
@@ -365,7 +400,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     document = {
         "started": started.isoformat(),
         "command": command,
-        "settings": {"ttl": args.ttl, "duration": args.duration, "find_max": args.find_max},
+        "settings": {
+            "ttl": args.ttl,
+            "duration": args.duration,
+            "find_max": args.find_max,
+            "redis_cluster": args.redis_cluster,
+        },
         "environment": {
             "python": platform.python_version(),
             "platform": platform.platform(),

@@ -9,13 +9,16 @@ uv run python -m benchmarks.run --mode workers [--workers 1,2] [--load-processes
     [--clients 50] [--duration 5] [--rounds 3]
 uv run python -m benchmarks.run --mode many-leases [--leases 1000,10000,50000] [--ttl 15]
     [--duration 30] [--find-max]   (the options of `python -m benchmarks.many_leases`)
+uv run python -m benchmarks.run --mode watch [--streams 10000] [--watch-on locks,service]
+    [--rounds 3]   (the options of `python -m benchmarks.watch`)
 
 More targets: redis-sdk (the redis service through the SDK's client objects);
 memory+obs and redis+obs (observability fully on), e.g.
 --targets memory,memory+obs,redis,redis+obs for the cost of observability; memory+tls
 and redis+tls (TLS and a bearer token on every call), e.g.
 --targets memory,memory+tls,redis,redis+tls for the cost of security; scylladb,
-dynamodb and dynamodb-moto (the service against one Cassandra node, dynalite, moto).
+dynamodb and dynamodb-moto (the service against one Cassandra node, dynalite, moto);
+redis-cluster (the redis store in cluster mode on a local 3-primary Redis Cluster).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from benchmarks import many_leases
+from benchmarks import many_leases, watch
 from benchmarks.failover import (
     FailoverSettings,
     expected_ms,
@@ -54,6 +57,7 @@ from benchmarks.targets import (
     SECURED,
     TARGETS,
     WHERE,
+    ClusterTarget,
     on_redis,
     open_target,
 )
@@ -68,6 +72,7 @@ RESULTS_DIR = Path(__file__).parent / "results"
 # A mode with options of its own, run by its module.
 MANY_LEASES = "many-leases"
 MANY_LEASES_COMMAND = "python -m benchmarks.many_leases"
+WATCH = "watch"  # the same, run by benchmarks.watch
 SETTINGS = (
     "mode",
     "targets",
@@ -144,12 +149,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--mode",
-        choices=(*DEFAULTS, MANY_LEASES),
+        choices=(*DEFAULTS, MANY_LEASES, WATCH),
         default="cycles",
         help="cycles: the matrix of targets (default); failover: how long a lock stays "
         "unheld after its leader dies or exits; workers: the redis service with 1, 2, ... "
         "worker processes under several load processes; many-leases: one client renewing "
-        f"N leases in batches (takes the options of {MANY_LEASES_COMMAND})",
+        f"N leases in batches (takes the options of {MANY_LEASES_COMMAND}); watch: "
+        "WatchLeaders change latency across instances and 10,000 idle streams (takes the "
+        "options of python -m benchmarks.watch)",
     )
     parser.add_argument(
         "--results-dir",
@@ -259,7 +266,10 @@ async def run_all(
             timeout=args.timeout,
             trace_sample_ratio=args.trace_sample_ratio,
         ) as target:
-            probe = cpu_probe(target, redis, on_redis(name))
+            if isinstance(target, ClusterTarget):  # redis: its primaries; replicas apart
+                probe = cpu_probe(target, target.primary_pids, True, target.replica_pids)
+            else:
+                probe = cpu_probe(target, redis, on_redis(name))
             for scenario in args.scenarios:
                 for clients in args.clients:
                     result = await run_cell(target, scenario, clients, settings, probe)
@@ -636,6 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode, rest = mode_and_rest(argv)
     if mode == MANY_LEASES:
         return many_leases.main(rest)
+    if mode == WATCH:
+        return watch.main(rest)
     args = parse_args(argv)
     configure_logging(LoggerSettings(level="WARNING"))
     started = datetime.now(UTC)

@@ -9,6 +9,9 @@
   the same Lua scripts on the same Redis, i.e. the floor the `redis` target sits on.
 - `redis-sdk`: the `redis` service driven through the SDK: each benchmark client is a
   `QuorumQuestClient` (try_acquire_lock -> one renewal -> release_lock).
+- `redis-cluster`: the service with its Redis store in cluster mode (`cluster: true`)
+  on a throw-away Redis Cluster of 3 primaries + 3 replicas on 127.0.0.1, the tests'
+  own (`tests.backends.redis_cluster`), started for the target and stopped after it.
 - `memory+obs`, `redis+obs`: `memory` and `redis` with observability fully on: OTLP
   traces and metrics to a sink the harness runs as its own process
   (`benchmarks.otlp_sink`), metrics pushed every second, Prometheus on a free port.
@@ -67,18 +70,21 @@ from quorum_quest.stores.redis import RedisSettings
 from tests.backends import free_port
 from tests.backends.cassandra import TEST_KEYSPACE, cql_server
 from tests.backends.dynamodb import dynalite_process, moto_process
+from tests.backends.redis_cluster import RedisCluster
 from tests.pki import Authority
 
 DEFAULT_TARGETS = ("echo", "memory", "redis", "redis-direct")
 # The `redis` service driven through the SDK's client objects, run only when asked.
 SDK = ("redis-sdk",)
+# The `redis` store in cluster mode on a Redis Cluster started for it, run only when asked.
+CLUSTERED = ("redis-cluster",)
 # The `+obs` targets and the plain target each one adds observability to.
 OBSERVED = {"memory+obs": "memory", "redis+obs": "redis"}
 # The `+tls` targets (TLS and a bearer token per call) and the plain target of each.
 SECURED = {"memory+tls": "memory", "redis+tls": "redis"}
 # Targets on a store server started for them (see `store_server`), run only when asked.
 EMULATED = ("scylladb", "dynamodb", "dynamodb-moto")
-TARGETS = (*DEFAULT_TARGETS, *SDK, *OBSERVED, *SECURED, *EMULATED)
+TARGETS = (*DEFAULT_TARGETS, *SDK, *CLUSTERED, *OBSERVED, *SECURED, *EMULATED)
 # Where each target's code runs, for the printed header and the JSON file.
 _SERVICE = "service in its own process (quorum-quest-service -config=<file>)"
 _OBSERVED = f"{_SERVICE}, exporting OTLP to a sink process (python -m benchmarks.otlp_sink)"
@@ -95,6 +101,8 @@ WHERE = {
     "redis-direct": "store called in the benchmark process, no gRPC",
     "redis-sdk": f"{_SERVICE}, called through one QuorumQuestClient per benchmark client "
     "(try_acquire_lock -> one renewal -> release_lock)",
+    "redis-cluster": f"{_SERVICE}, redis store with cluster: true on a Redis Cluster of 3 "
+    "primaries + 3 replicas (6 redis-server processes) on this machine",
     "memory+obs": _OBSERVED,
     "redis+obs": _OBSERVED,
     "memory+tls": _SECURED,
@@ -632,6 +640,55 @@ async def store_server(name: str, run_id: str) -> AsyncIterator[dict[str, Any]]:
         yield emulator.endpoint.store_config(table=f"qq-bench-{run_id}")
 
 
+# -- the service on a Redis Cluster ----------------------------------------------------
+
+
+class ClusterTarget(ServiceTarget):
+    """The service on a Redis Cluster, and the pids of the cluster's redis-servers by role
+    (as they were when the target started: the harness makes no failover)."""
+
+    def __init__(
+        self,
+        target: ServiceTarget,
+        timeout: float,
+        primary_pids: list[int],
+        replica_pids: list[int],
+    ) -> None:
+        super().__init__(target.name, target.address, timeout, target.pid)
+        self.primary_pids = primary_pids
+        self.replica_pids = replica_pids
+
+
+def cluster_pids(cluster: RedisCluster) -> tuple[list[int], list[int]]:
+    """The pids of the cluster's primaries and of its replicas.
+
+    Each node runs as `_die_with_parent.py redis-server ...`, which execs redis-server
+    in the same process, so the node's pid is redis-server's.
+    """
+    primaries = cluster.primaries()
+    pids = {node.address: node.process.pid for node in cluster.nodes if node.process}
+    primary_pids = [pids[node.address] for node in primaries]
+    return primary_pids, [pid for pid in pids.values() if pid not in primary_pids]
+
+
+def cluster_store(cluster: RedisCluster, key_prefix: str) -> dict[str, Any]:
+    """The `store:` section of the `redis` store on `cluster`, seeded with two nodes."""
+    return {"cluster": True, "nodes": cluster.seeds[:2], "key_prefix": key_prefix}
+
+
+@asynccontextmanager
+async def redis_cluster_target(name: str, timeout: float) -> AsyncIterator[ClusterTarget]:
+    """The service on a Redis Cluster started for it; both stop when the block exits."""
+    # Started in the event loop's thread: each node dies with the thread that started it
+    # (PR_SET_PDEATHSIG, tests/backends/_die_with_parent.py), so it never outlives the
+    # harness, and must not be started from a worker thread that ends before it.
+    with RedisCluster() as cluster:
+        primary_pids, replica_pids = cluster_pids(cluster)
+        store = cluster_store(cluster, f"qq-bench-{name}")
+        async with service_target(name, "redis", store, timeout) as target:
+            yield ClusterTarget(target, timeout, primary_pids, replica_pids)
+
+
 # -- choosing a target ------------------------------------------------------------------
 
 
@@ -662,6 +719,10 @@ async def open_target(
         raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
     if name == "echo":
         async with echo_target(timeout) as target:
+            yield target
+        return
+    if name in CLUSTERED:  # a cluster of its own, thrown away with its keys
+        async with redis_cluster_target(name, timeout) as target:
             yield target
         return
     backend = OBSERVED.get(name) or SECURED.get(name) or ("redis" if name in SDK else name)

@@ -81,3 +81,17 @@ def test_many_leases(tmp_path: Path) -> None:
     )
     [row] = document["results"]
     assert row["leases"] == 20 and row["sustained"]
+
+
+def test_watch(tmp_path: Path) -> None:
+    document = run_harness(
+        tmp_path,
+        *("--mode", "watch", "--cycles", "5", "--watchers", "1", "--streams", "20"),
+        *("--step", "20", "--load-processes", "1", "--idle", "0.5", "--rounds", "1"),
+        *("--deliver-timeout", "60"),
+    )
+    summary = document["watch"]["summary"]
+    # No speed is judged; that every change was seen (or flagged as a gap) is.
+    assert summary["latency"]["deliveries"] > 0 and summary["latency"]["lost"] == 0
+    for form in summary["streams"].values():
+        assert form["opened"] == form["streams"] == 20 and form["lost"] == 0, form

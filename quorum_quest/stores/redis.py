@@ -709,33 +709,33 @@ class RedisStore(LockStore):
         message it cannot read, or that `released` fails on, is logged and skipped;
         any other failure is a lost subscription: only cancellation ends the loop.
         """
-        client = self._redis or self._subscriber_client()
         lost = False
-        try:
-            while True:
-                try:
-                    async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                        await pubsub.subscribe(self._channel)
-                        if lost:
-                            logger.info("redis release notifications resumed on {}", self._where)
-                            lost = False
-                        while True:
-                            message = await pubsub.get_message(timeout=SUBSCRIBER_POLL_S)
-                            if message is not None:
-                                self._hand_over(message.get("data"), released)
-                except Exception as exc:  # any: the loop must outlive every failure
-                    if not lost:
-                        logger.warning(
-                            "redis release notifications stopped on {}: {}; waiters wake at "
-                            "their holder's lease end until they resume",
-                            self._where,
-                            exc,
-                        )
-                    lost = True
-                    await asyncio.sleep(SUBSCRIBER_POLL_S)
-        finally:
-            if client is not self._redis:
-                await client.aclose()
+        while True:
+            # A client of its own per subscription (a cluster's: the next node each time).
+            client = self._redis or self._subscriber_client()
+            try:
+                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self._channel)
+                    if lost:
+                        logger.info("redis release notifications resumed on {}", self._where)
+                        lost = False
+                    while True:
+                        message = await pubsub.get_message(timeout=SUBSCRIBER_POLL_S)
+                        if message is not None:
+                            self._hand_over(message.get("data"), released)
+            except Exception as exc:  # any: the loop must outlive every failure
+                if not lost:
+                    logger.warning(
+                        "redis release notifications stopped on {}: {}; waiters wake at "
+                        "their holder's lease end until they resume",
+                        self._where,
+                        exc,
+                    )
+                lost = True
+                await asyncio.sleep(SUBSCRIBER_POLL_S)
+            finally:
+                if client is not self._redis:
+                    await client.aclose()
 
     def _hand_over(self, data: Any, released: Callable[[LockKey], None]) -> None:
         """`released(lock)` for one published lock name; log and skip what fails."""

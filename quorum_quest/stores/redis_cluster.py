@@ -86,7 +86,6 @@ from quorum_quest.stores.redis import (
     PROBE_TTL_MS,
     SAFE_EVICTION_POLICY,
     SCAN_COUNT,
-    SUBSCRIBER_POLL_S,
     RedisSettings,
     RedisStore,
     _glob_escape,
@@ -481,32 +480,3 @@ class RedisClusterStore(RedisStore):
             password=settings.password or None,
             socket_connect_timeout=settings.timeout,
         )
-
-    async def _watch_releases(self, released: Callable[[LockKey], None]) -> None:
-        """As `RedisStore._watch_releases`, on one node at a time: after losing a node,
-        it subscribes on the next one."""
-        lost = False
-        while True:
-            client = self._subscriber_client()
-            try:
-                async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(self._channel)
-                    if lost:
-                        logger.info("redis release notifications resumed on {}", self._where)
-                        lost = False
-                    while True:
-                        message = await pubsub.get_message(timeout=SUBSCRIBER_POLL_S)
-                        if message is not None:
-                            self._hand_over(message.get("data"), released)
-            except Exception as exc:  # any: the loop must outlive every failure
-                if not lost:
-                    logger.warning(
-                        "redis release notifications stopped on {}: {}; waiters wake at "
-                        "their holder's lease end until they resume",
-                        self._where,
-                        exc,
-                    )
-                lost = True
-                await asyncio.sleep(SUBSCRIBER_POLL_S)
-            finally:
-                await client.aclose()

@@ -419,13 +419,26 @@ def takeovers(
     return found
 
 
-def phantom_grants(calls: Iterable[Call]) -> list[Call]:
-    """Acquires the service granted but whose answer came too late to be believed: the
-    service held the lock for a client that never led (paused, or cut off, meanwhile)."""
+def phantom_grants(calls: Iterable[Call], faults: Iterable[FaultWindow] = ()) -> list[Call]:
+    """Acquires the service granted to a client that could not lead on them: the answer
+    came too late to be believed, or the service can have granted it while a fault had
+    its client away (paused, cut off) and the answer reached it only as the fault healed.
+    Either way the service held the lock, from its grant on, for a holder that was gone."""
+    takeaways = [fault for fault in faults if fault.victims]
+
+    def taken_away(call: Call) -> bool:
+        granted_at = call.send + call.waited
+        return any(
+            call.client in fault.victims and fault.start < granted_at < fault.end <= call.recv
+            for fault in takeaways
+        )
+
     return [
         call
         for call in calls
-        if call.op == ACQUIRE and call.granted and call.recv >= call.send + call.waited + call.ttl
+        if call.op == ACQUIRE
+        and call.granted
+        and (call.recv >= call.send + call.waited + call.ttl or taken_away(call))
     ]
 
 
@@ -500,17 +513,12 @@ class Report:
 def check(history: History) -> Report:
     """Judge one history: safety (overlaps, tokens, stale acts) and liveness (takeovers)."""
     beliefs = all_beliefs(history.calls)
+    phantoms = phantom_grants(history.calls, history.faults)
     return Report(
         beliefs=beliefs,
         overlaps=overlaps(beliefs),
         token_violations=token_violations(beliefs),
         stale_acts=stale_acts(beliefs, history.acts),
-        takeovers=takeovers(
-            beliefs,
-            history.faults,
-            history.stop,
-            phantom_grants(history.calls),
-            history.stalls,
-        ),
-        phantom_grants=phantom_grants(history.calls),
+        takeovers=takeovers(beliefs, history.faults, history.stop, phantoms, history.stalls),
+        phantom_grants=phantoms,
     )

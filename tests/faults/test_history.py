@@ -263,6 +263,22 @@ def test_a_phantom_grant_is_a_holder_that_disappeared_when_granted() -> None:
     assert not report.liveness_problems(bound=1.5, min_grants=2)
 
 
+def test_a_grant_that_reaches_a_paused_client_in_time_is_a_phantom_all_the_same() -> None:
+    """c's waiting acquire is granted at 1.1 while a fault has c paused; the answer
+    reaches c at 2.05, as the fault heals and inside the lease (so not too late), but c
+    was gone when the service granted it: the takeover counts from that grant, as for a
+    late one."""
+    pause = FaultWindow("pause", start=0.5, end=2.0, victims=("a", "c"))
+    parked = Call("c", ACQUIRE, 0.3, 2.05, True, granted=True, token=11, ttl=TTL, waited=0.8)
+    report = check(
+        history(grant("a", 10, 0.0), parked, grant("b", 12, 2.15), stop=2.5, faults=(pause,))
+    )
+    assert report.phantom_grants == [parked]
+    after = [t for t in report.takeovers if t.what == "after pause"]
+    assert spans(after) == [(1.1, 2.05)]
+    assert not report.liveness_problems(bound=1.5, min_grants=2)
+
+
 def slow_takeover(*stalls: Stall) -> History:
     """a's belief ends at 1.0, b leads from 2.61: a gap of 1.61 s, over a 1.5 s bound."""
     return history(grant("a", 10, 0.0), grant("b", 11, 2.6), stop=2.8, stalls=stalls)

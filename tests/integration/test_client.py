@@ -26,8 +26,12 @@ async def test_go_style_acquire_keep_alive_release(address: str) -> None:
         on_leader_lost=lambda lease: events.append(("lost", lease.fencing_token)),
     )
     domain = lock_name()
-    # 3 s leases renewed every 1 s: a loaded machine's stalls cost no lease.
-    async with QuorumQuestClient("svc", domain, 3, address, callbacks=callbacks) as client:
+    # 3 s leases renewed every 1 s: a loaded machine's stalls cost no lease. Calls may
+    # take longer than the default (a third of the lease): a first LWT on a loaded
+    # machine's Cassandra can.
+    async with QuorumQuestClient(
+        "svc", domain, 3, address, callbacks=callbacks, rpc_timeout=30
+    ) as client:
         assert await client.try_acquire_lock()
         assert client.is_leader
         token = client.lease.fencing_token

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -141,16 +142,34 @@ async def test_a_waiter_on_a_swapped_out_store_is_answered_and_never_granted(
     tmp_path: Path, redis_url: str
 ) -> None:
     """A TryAcquire waiting (wait_ms) on the old store when a reload swaps the store
-    must not be granted there later, while the new store serves the same lock."""
-    domain = uuid.uuid4().hex
+    must not be granted there later, while the new store serves the same lock.
+
+    The swap must come while the holder's lease on the old store lives (else a grant
+    by the old store before the swap is right): on a machine too loaded for that, the
+    scenario runs again with a longer lease."""
     prefix = await redis_prefix_in_use(redis_url)
-    async with service(tmp_path, config(server={"stateLossGrace": 0})) as (running, stub):
-        holder = lock("holder", domain, ttl_ms=3000)
+    for attempt, ttl_s in enumerate((3, 6, 12, 24)):
+        workdir = tmp_path / str(attempt)
+        workdir.mkdir()
+        if await waiter_across_a_swap(workdir, redis_url, prefix, ttl_s):
+            return
+    pytest.fail("no reload was applied within the holder's lease, even of 24 s")
+
+
+async def waiter_across_a_swap(workdir: Path, redis_url: str, prefix: str, ttl_s: int) -> bool:
+    """One run of the scenario above; False when it proves nothing: the swap came after
+    the holder's lease may have ended, or the waiter reached only the new store."""
+    domain = uuid.uuid4().hex
+    async with service(workdir, config(server={"stateLossGrace": 0})) as (running, stub):
+        holder_sent = time.monotonic()
+        holder = lock("holder", domain, ttl_ms=ttl_s * 1000)
         assert (await stub.try_acquire_lock(pb.TryAcquireLockRequest(**holder))).is_leader
         waiter = asyncio.ensure_future(
             stub.try_acquire_lock(
-                pb.TryAcquireLockRequest(**lock("waiter", domain, ttl_ms=3000, wait_ms=20_000)),
-                timeout=40,
+                pb.TryAcquireLockRequest(
+                    **lock("waiter", domain, ttl_ms=3000, wait_ms=4 * ttl_s * 1000)
+                ),
+                timeout=8 * ttl_s,
             )
         )
         await asyncio.sleep(0.5)  # the waiter's call reaches the old store
@@ -161,13 +180,19 @@ async def test_a_waiter_on_a_swapped_out_store_is_answered_and_never_granted(
                 server={"stateLossGrace": 0},
             )
         )
+        swapped_by = time.monotonic()
         try:
             answer = await waiter
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
             assert "reload" in (exc.details() or "")
-        else:
-            assert not answer.is_leader, "granted by a store the reload had swapped out"
+            return True
+        if swapped_by >= holder_sent + ttl_s:
+            return False  # the old store may have granted it before the swap, rightly
+        if answer.is_leader and not answer.waited:
+            return False  # it reached the service after the swap: the new store granted it
+        assert not answer.is_leader, "granted by a store the reload had swapped out"
+        return True
 
 
 @pytest.mark.redis

@@ -70,6 +70,7 @@ class Method:
     request: type[Any]
     response: type[Any]
     streams: bool = False  # the server answers with a stream of responses
+    takes_stream: bool = False  # the client sends a stream of requests
 
     @property
     def path(self) -> str:
@@ -86,7 +87,23 @@ METHODS = (
     Method("GetStatus", "get_status", pb.GetStatusRequest, pb.GetStatusResponse),
     Method("KeepAliveMany", "keep_alive_many", pb.KeepAliveManyRequest, pb.KeepAliveManyResponse),
     Method("WatchLeaders", "watch_leaders", pb.WatchLeadersRequest, pb.LeaderChange, streams=True),
+    Method(
+        "Session",
+        "session",
+        pb.SessionRequest,
+        pb.SessionResponse,
+        streams=True,
+        takes_stream=True,
+    ),
 )
+
+# The stream-stream, unary-stream and unary-unary builders, by `Method.takes_stream`
+# and `Method.streams`.
+_SERVER_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
 
 # Told of every request refused as undecodable: (method path, reason, the caller's peer).
@@ -103,11 +120,7 @@ def service_handler(servicer: object, refused: Refused) -> grpc.GenericRpcHandle
     for method in METHODS:
         request = getattr(wire, method.request.__name__)
         response = getattr(wire, method.response.__name__)
-        build = (
-            grpc.unary_stream_rpc_method_handler
-            if method.streams
-            else grpc.unary_unary_rpc_method_handler
-        )
+        build = _SERVER_HANDLERS[method.takes_stream, method.streams]
         handler = build(
             getattr(servicer, method.attribute),
             request_deserializer=request.FromString,
@@ -355,7 +368,8 @@ class DecodingRegistrar:
 
 class LeaderElectionStub:
     """A grpc.aio client of the service: one callable per RPC, awaitable for a unary one,
-    an async iterator of responses for a streaming one (`watch_leaders`).
+    an async iterator of responses for a streaming one (`watch_leaders`), a call to
+    write requests to and read responses from for `session`.
 
     It sends and answers `messages` (a module or namespace naming every message of the
     service): `pb` by default, `wire` for a caller that wants protobuf's own messages.
@@ -368,12 +382,17 @@ class LeaderElectionStub:
     get_status: grpc.aio.UnaryUnaryMultiCallable[Any, Any]
     keep_alive_many: grpc.aio.UnaryUnaryMultiCallable[Any, Any]
     watch_leaders: grpc.aio.UnaryStreamMultiCallable[Any, Any]
+    session: grpc.aio.StreamStreamMultiCallable[Any, Any]
 
     def __init__(self, channel: grpc.aio.Channel, messages: Any = pb) -> None:
         for method in METHODS:
             request = getattr(messages, method.request.__name__)
             response = getattr(messages, method.response.__name__)
-            call = (channel.unary_stream if method.streams else channel.unary_unary)(
+            if method.takes_stream:
+                open_call: Any = channel.stream_stream
+            else:
+                open_call = channel.unary_stream if method.streams else channel.unary_unary
+            call = open_call(
                 method.path,
                 request_serializer=request.SerializeToString,
                 response_deserializer=response.FromString,

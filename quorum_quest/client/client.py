@@ -29,15 +29,15 @@ from quorum_quest.client.connection import (
     token_from_environment,
 )
 from quorum_quest.client.lease import EXPIRED, RELEASED, Lease, LeaseKeeper, keep_alive
+from quorum_quest.client.session import OPERATIONS, Session, SessionUnsupported, leave, session_for
+from quorum_quest.client.status import rpc_error
 from quorum_quest.client.tracing import client_interceptors
 from quorum_quest.errors import (
     AccessRefused,
     InvalidArgument,
     LeadershipLost,
-    PermissionDenied,
     QuotaExceeded,
     ServiceUnavailable,
-    Unauthenticated,
 )
 
 # A library inside other programs: silent unless the application configures logging.
@@ -152,24 +152,6 @@ def _duration_s(duration: Any) -> float:
 
 # What a call that must not fail its caller (a release on the way out) logs instead.
 BEST_EFFORT_FAILURES = (ServiceUnavailable, InvalidArgument, AccessRefused)
-# Refusals for who the caller is: an answer, not an outage, so never retried as one
-# (a call-rate quota excepted, which `leadership()` and the keep-alive wait out).
-ACCESS_REFUSALS = {
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: QuotaExceeded,
-}
-
-
-def _rpc_error(exc: grpc.aio.AioRpcError) -> Exception:
-    details = exc.details() or exc.code().name
-    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        field, _, reason = details.partition(": ")
-        return InvalidArgument(field, reason) if reason else InvalidArgument("request", details)
-    refusal = ACCESS_REFUSALS.get(exc.code())
-    if refusal is not None:
-        return refusal(f"{exc.code().name}: {details}")
-    return ServiceUnavailable(f"{exc.code().name}: {details}", code=exc.code())
 
 
 class QuorumQuestClient:
@@ -196,12 +178,18 @@ class QuorumQuestClient:
         safety_margin: float | timedelta | None = None,
         tls: ClientTLS | bool | None = None,
         token: str | None = None,
+        session: bool = True,
     ) -> None:
         """`tls`: a `ClientTLS`, True for TLS verified against the system's roots, False
         for plaintext; `token`: a bearer token sent with every call ("" for none). Left
         at None, each comes from the environment (`QUORUMQUEST_TLS*`,
         `QUORUMQUEST_TOKEN`, `QUORUMQUEST_TOKEN_FILE`; see `quorum_quest.client.connection`),
-        and is plaintext without a token when that sets nothing."""
+        and is plaintext without a token when that sets nothing.
+
+        `session`: send acquires, renewals, releases and leader queries over the
+        `Session` stream that every client of this address and credentials in the
+        event loop shares (`quorum_quest.client.session`), far cheaper than a unary
+        call each; against a service without it, and with False, unary calls."""
         self.service = service
         self.domain = domain
         self.address = address
@@ -237,6 +225,8 @@ class QuorumQuestClient:
         self._metadata = bearer_metadata(self._token)
         self._channel: grpc.aio.Channel | None = None
         self._stub: LeaderElectionStub | None = None
+        self._use_session = session
+        self._session: Session | None = None
         self._lease: Lease | None = None
         self._holder_hint = 0.0  # seconds left of the holder's lease, as last answered
         self._service_waited = False  # whether the service waited before its last refusal
@@ -254,21 +244,35 @@ class QuorumQuestClient:
         """The client's stub, speaking `quorum_quest._rpc.wire` messages; the channel
         opens on first use."""
         if self._stub is None:
-            # Client spans when the application has configured OpenTelemetry (`tracing`).
-            interceptors = client_interceptors()
-            self._channel = open_channel(
-                self.address, self.tls, self._token, _channel_options(self.ttl), interceptors
-            )
+            self._channel = self._open_channel()
             self._stub = LeaderElectionStub(self._channel, wire)
         return self._stub
 
-    async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+    def _open_channel(self) -> grpc.aio.Channel:
+        # Client spans when the application has configured OpenTelemetry (`tracing`).
+        interceptors = client_interceptors()
+        return open_channel(
+            self.address, self.tls, self._token, _channel_options(self.ttl), interceptors
+        )
+
+    async def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """The answer of the stub's `method` on `request`: over the session when it
+        carries that method, else as a unary call."""
+        timeout = timeout or self.rpc_timeout
+        if self._use_session and method in OPERATIONS:
+            if self._session is None:
+                key = (self.address, self.tls, self._token, _channel_options(self.ttl))
+                self._session = session_for(key, self._open_channel, self._metadata)
+            try:
+                return await self._session.call(method, request, timeout)
+            except SessionUnsupported:
+                self._use_session = False  # a service of the original contract
         try:
             return await _answer(
-                method(request, timeout=timeout or self.rpc_timeout, metadata=self._metadata)
+                getattr(self.stub, method)(request, timeout=timeout, metadata=self._metadata)
             )
         except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc) from None
+            raise rpc_error(exc) from None
 
     async def __aenter__(self) -> QuorumQuestClient:
         return self
@@ -289,6 +293,9 @@ class QuorumQuestClient:
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub = None
+        session, self._session = self._session, None
+        if session is not None:
+            await leave(session)
 
     # -- state ------------------------------------------------------------------
 
@@ -407,7 +414,7 @@ class QuorumQuestClient:
 
     async def _acquire(self, service: str, domain: str, wait: float = 0.0) -> Any:
         return await self._call(
-            self.stub.try_acquire_lock,
+            "try_acquire_lock",
             wire.TryAcquireLockRequest(
                 service=service,
                 domain=domain,
@@ -421,7 +428,7 @@ class QuorumQuestClient:
 
     async def _renew(self, timeout: float) -> tuple[float, int] | None:
         response = await self._call(
-            self.stub.keep_alive,
+            "keep_alive",
             wire.KeepAliveRequest(
                 service=self.service,
                 domain=self.domain,
@@ -438,7 +445,7 @@ class QuorumQuestClient:
         self, leases: Sequence[Lease], timeout: float
     ) -> list[tuple[float, int] | None]:
         response = await self._call(
-            self.stub.keep_alive_many,
+            "keep_alive_many",
             wire.KeepAliveManyRequest(
                 client_id=self.client_id,
                 locks=[{"service": lease.service, "domain": lease.domain} for lease in leases],
@@ -524,7 +531,7 @@ class QuorumQuestClient:
     async def _release(self, service: str, domain: str, token: int = 0) -> bool:
         """Release (service, domain); only the lease with fencing token `token`, when > 0."""
         response = await self._call(
-            self.stub.release_lock,
+            "release_lock",
             wire.ReleaseLockRequest(
                 service=service, domain=domain, client_id=self.client_id, fencing_token=token
             ),
@@ -534,7 +541,7 @@ class QuorumQuestClient:
     async def get_leader(self) -> tuple[str, int] | None:
         """The current holder's client_id and fencing token, or None when the lock is free."""
         response = await self._call(
-            self.stub.get_leader, wire.GetLeaderRequest(service=self.service, domain=self.domain)
+            "get_leader", wire.GetLeaderRequest(service=self.service, domain=self.domain)
         )
         return (response.client_id, response.fencing_token) if response.has_leader else None
 

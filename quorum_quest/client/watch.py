@@ -37,6 +37,7 @@ import anyio
 import grpc
 
 from quorum_quest._rpc import wire
+from quorum_quest.client.status import rpc_error
 from quorum_quest.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -166,10 +167,8 @@ async def watch_leaders(
             code = exc.code()
             if code not in RESUMABLE:
                 # As every other call of the client answers: InvalidArgument,
-                # PermissionDenied, ... (imported here: client.py imports this module).
-                from quorum_quest.client.client import _rpc_error
-
-                raise _rpc_error(exc) from None
+                # PermissionDenied, ...
+                raise rpc_error(exc) from None
             reason = f"{code.name}: {exc.details() or code.name}"
         except asyncio.CancelledError:
             # grpc raises a bare CancelledError for a call its channel's closing cancelled:

@@ -81,4 +81,4 @@ def make_client(
 async def call(client: QuorumQuestClient, method: str, request: Any) -> Any:
     """One raw RPC through `client`'s channel, credentials and error mapping, for the
     answers the SDK does not surface yet (GetStatus, GetLeader's remaining lease)."""
-    return await client._call(getattr(client.stub, method), request)
+    return await client._call(method, request)

@@ -393,6 +393,7 @@ class LockServer:
         await self.health.enter_graceful_shutdown()
         self.runtime.releases.close()
         await self.runtime.watches.close()  # watch streams end now, UNAVAILABLE: clients resume
+        self.runtime.sessions.close()  # sessions answer what they run, then end UNAVAILABLE
         current = self.runtime.current
         await self._server.stop(current.settings.server.shutdownGrace)
         if self._metrics_server is not None:

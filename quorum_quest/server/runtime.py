@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from quorum_quest.config.settings import Settings
 from quorum_quest.server.quotas import Quotas
+from quorum_quest.server.session import Sessions
 from quorum_quest.server.watch import WatchHub
 from quorum_quest.stores import LockKey, LockStore, store_class
 from quorum_quest.telemetry.telemetry import Telemetry
@@ -191,6 +192,7 @@ class Runtime:
         self.leases = leases
         self.releases = Releases()
         self.watches = WatchHub(self)  # every WatchLeaders stream of this instance
+        self.sessions = Sessions()  # every Session stream of this instance
         self.started = started
         self.reloads: Counter[str] = Counter()
         self.quotas = Quotas()  # counted per identity, whatever the configuration

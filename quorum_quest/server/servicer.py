@@ -114,6 +114,21 @@ def _one(request: object) -> int:
     return 1
 
 
+class Refusal(Exception):
+    """A lock operation ends with this status instead of an answer: a unary call aborts
+    with it, a session operation carries it in its result."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# Serves one lock operation: (servicer, request, the call's context, its deadline as a
+# time.monotonic() value or None) -> response, or raises `Refusal`.
+Operation = Callable[[Any, Any, grpc.aio.ServicerContext, "float | None"], Awaitable[Any]]
+
+
 def _lock_operation(
     operation: str, *, locks: Callable[[Any], int] = _one
 ) -> Callable[[Handler[Request, Response]], Served[Request, Response]]:
@@ -121,18 +136,23 @@ def _lock_operation(
 
     Metrics count lock operations: `locks(request)` is how many a failed call counts.
     With auth on, the caller is identified first (see `Access.caller`); with it off every
-    call is `OPEN` and costs one attribute test more.
+    call is `OPEN` and costs one attribute test more. The served method's `operation`
+    attribute runs the same handler for a session (`quorum_quest.server.session`),
+    raising `Refusal` instead of aborting the call.
     """
 
     def decorate(handler: Handler[Request, Response]) -> Served[Request, Response]:
-        @functools.wraps(handler)
-        async def serve(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        async def run(
+            self: Any,
+            request: Request,
+            context: grpc.aio.ServicerContext,
+            deadline: float | None,
+        ) -> Response:
             snapshot = self._runtime.current
             telemetry = snapshot.telemetry
             backend = snapshot.store.backend
             started = time.perf_counter()
-            remaining = context.time_remaining()
-            _call_deadline.set(None if remaining is None else time.monotonic() + remaining)
+            _call_deadline.set(deadline)
             snapshot.enter()
             try:
                 access = snapshot.access
@@ -157,41 +177,52 @@ def _lock_operation(
                             telemetry.count(operation, each, backend, started, times)
                 return response
             except InvalidArgument as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             except AccessRefused as exc:
                 result = EXHAUSTED if isinstance(exc, QuotaExceeded) else DENIED
                 telemetry.count(operation, result, backend, started, locks(request))
-                await _refused(self._log, context, operation, exc)
+                raise _refused(self._log, context, operation, exc) from None
             except StoreContended as exc:
                 # Nothing is in doubt and nothing was granted: the caller may ask again.
                 telemetry.count(operation, ERROR, backend, started, locks(request))
                 self._log.log("INFO", f"{backend} contended", "store call contended: {}", exc)
-                await context.abort(grpc.StatusCode.ABORTED, str(exc))
+                raise Refusal(grpc.StatusCode.ABORTED, str(exc)) from None
             except StoreUnavailable as exc:
                 telemetry.store_error(operation, backend)
                 telemetry.count(operation, ERROR, backend, started, locks(request))
                 # An outage fails every call: the first is logged, the rest counted.
                 self._log.log("WARNING", f"{backend} failed", "store call failed: {}", exc)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                raise Refusal(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
             except asyncio.CancelledError:
                 # grpc.aio cancels the call's task when the caller's deadline passes
                 # (the caller then has DEADLINE_EXCEEDED), when the caller cancels, and
-                # at shutdown: the store call in flight is abandoned with it.
+                # at shutdown: the store call in flight is abandoned with it. (A session
+                # operation is cancelled by its own deadline.)
                 telemetry.count(operation, ERROR, backend, started, locks(request))
                 raise
             finally:
                 snapshot.leave()
-            raise AssertionError("unreachable: context.abort raises")
 
+        @functools.wraps(handler)
+        async def serve(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            try:
+                return await run(self, request, context, deadline)
+            except Refusal as refusal:
+                await context.abort(refusal.code, refusal.message)
+                raise AssertionError("unreachable: context.abort raises") from None
+
+        serve.operation = run  # type: ignore[attr-defined]
         return serve
 
     return decorate
 
 
-async def _refused(
+def _refused(
     log: ThrottledLog, context: grpc.aio.ServicerContext, operation: str, exc: AccessRefused
-) -> None:
-    """Answer `exc`'s status, after an audit line (rate-limited per identity and kind)."""
+) -> Refusal:
+    """`exc`'s status, after an audit line (rate-limited per identity and kind)."""
     kind = type(exc).__name__
     identity = exc.identity or "?"
     log.log(
@@ -204,7 +235,7 @@ async def _refused(
         str(exc),
         fields={"audit": "refused", "identity": identity, "operation": operation},
     )
-    await context.abort(REFUSED_STATUS[kind], str(exc))
+    return Refusal(REFUSED_STATUS[kind], str(exc))
 
 
 def _audit(
@@ -646,7 +677,8 @@ class LeaderElectionServicer:
             try:
                 access.caller(context).allow(None, ADMIN, "read the status of")
             except AccessRefused as exc:
-                await _refused(self._log, context, "status", exc)
+                refusal = _refused(self._log, context, "status", exc)
+                await context.abort(refusal.code, refusal.message)
         return wire.GetStatusResponse(
             version=__version__,
             backend=runtime.current.store.backend,
@@ -656,6 +688,15 @@ class LeaderElectionServicer:
             store_reachable=runtime.store_reachable,
             grace_remaining=timedelta(milliseconds=runtime.grace_left_ms()),
         )
+
+    async def session(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> None:
+        """Lock operations over one stream: see `quorum_quest.server.session`."""
+        # Imported here: the session module serves through this one's operations.
+        from quorum_quest.server.session import SessionStream
+
+        await SessionStream(self, context).serve(requests)
 
     async def watch_leaders(
         self, request: wire.WatchLeadersRequest, context: grpc.aio.ServicerContext
@@ -692,7 +733,8 @@ class LeaderElectionServicer:
         except AccessRefused as exc:
             result = EXHAUSTED if isinstance(exc, QuotaExceeded) else DENIED
             telemetry.count("watch", result, backend, started)
-            await _refused(self._log, context, "watch", exc)
+            refusal = _refused(self._log, context, "watch", exc)
+            await context.abort(refusal.code, refusal.message)
         except WatchClosed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         except StoreUnavailable as exc:

@@ -40,6 +40,7 @@ import grpc
 
 from quorum_quest import LeadershipLost, QuorumQuestClient
 from quorum_quest._rpc import LeaderElectionStub, pb
+from quorum_quest.errors import QuorumQuestError
 from tests.faults.history import (
     ACQUIRE,
     KEEP_ALIVE,
@@ -200,6 +201,54 @@ def record_calls(stub: LeaderElectionStub, client: str, via: str, recorder: Reco
         setattr(stub, attribute, Recorded(getattr(stub, attribute), op, client, via, recorder))
 
 
+class RecordedClientCalls:
+    """An SDK client's `_call`, through which its every lock call goes (over its session
+    or unary), recording each acquire, keep-alive and release as `Recorded` does."""
+
+    OPS = {attribute: op for op, attribute in STUB_METHODS.items()}
+
+    def __init__(self, call: Any, client: str, via: str, recorder: Recorder) -> None:
+        self._call = call
+        self._client = client
+        self._via = via
+        self._recorder = recorder
+
+    async def __call__(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        op = self.OPS.get(method)
+        if op is None:
+            return await self._call(method, request, timeout)
+        send = time.monotonic()
+        try:
+            response = await self._call(method, request, timeout)
+        except (QuorumQuestError, asyncio.CancelledError) as exc:
+            # As `Recorded`: any failure counts as unanswered, the request may have run.
+            code = getattr(exc, "code", None)
+            self._recorder.record(
+                Call(
+                    self._client,
+                    op,
+                    send,
+                    time.monotonic(),
+                    False,
+                    code=code.name if isinstance(code, grpc.StatusCode) else type(exc).__name__,
+                    token=request.fencing_token if op == RELEASE else 0,
+                    via=self._via,
+                )
+            )
+            raise
+        answer = observed(op, request, response)
+        self._recorder.record(
+            Call(self._client, op, send, time.monotonic(), True, via=self._via, **answer)
+        )
+        return response
+
+
+def record_client_calls(client: QuorumQuestClient, name: str, via: str, recorder: Recorder) -> None:
+    """Make the SDK `client` (connected to `via`) record every acquire, keep-alive and
+    release it makes, over its session or unary."""
+    client._call = RecordedClientCalls(client._call, name, via, recorder)  # type: ignore[method-assign]
+
+
 class RawClient:
     """A raw-stub client that fails over between instances on any error."""
 
@@ -305,7 +354,7 @@ class SdkClient:
         self.client = QuorumQuestClient(
             plan.service, plan.domain, ttl=plan.ttl, address=spec.target, client_id=spec.id
         )
-        record_calls(self.client.stub, self.id, spec.target, recorder)
+        record_client_calls(self.client, self.id, spec.target, recorder)
 
     async def run(self) -> None:
         while True:

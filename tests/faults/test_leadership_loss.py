@@ -30,7 +30,7 @@ import grpc
 import pytest
 
 from quorum_quest import LeadershipLost, QuorumQuestClient, ServiceUnavailable
-from tests.faults.clients import record_calls
+from tests.faults.clients import record_client_calls
 from tests.faults.cluster import ServiceInstance
 from tests.faults.history import Act, History, Recorder, check
 from tests.faults.proxy import Proxy
@@ -91,7 +91,7 @@ class Contender:
         self.recorder = recorder
         address = f"127.0.0.1:{proxy.port}"
         self.client = QuorumQuestClient(SERVICE, domain, TTL_S, address, client_id=name)
-        record_calls(self.client.stub, name, address, recorder)
+        record_client_calls(self.client, name, address, recorder)
         self.losses = 0
 
     async def call(self) -> None:

@@ -19,13 +19,17 @@ __all__ = (
     "LockToken",
     "ReleaseLockRequest",
     "ReleaseLockResponse",
+    "SessionOperation",
+    "SessionRequest",
+    "SessionResponse",
+    "SessionResult",
     "TryAcquireLockRequest",
     "TryAcquireLockResponse",
     "WatchLeadersRequest",
 )
 
 import datetime
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import betterproto2
@@ -449,6 +453,129 @@ default_message_pool.register_message(
 
 
 @dataclass(eq=False, repr=False)
+class SessionOperation(betterproto2.Message):
+    """
+    One lock operation of a Session stream.
+
+    Oneofs:
+        - operation:
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return QUORUM_QUEST_API_V1_QUORUM_QUEST_API_PROTO_DESCRIPTOR.message_types_by_name[
+            "SessionOperation"
+        ]
+
+    id: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)
+    """
+    Chosen by the client, unique among its operations in flight on the stream; its
+    result carries the same id.
+    """
+
+    deadline_ms: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)
+    """
+    How long the service may take for this operation, in ms, as a unary call's
+    deadline (0: no deadline of its own). Past it the result is DEADLINE_EXCEEDED.
+    """
+
+    try_acquire_lock: "TryAcquireLockRequest | None" = betterproto2.field(
+        3, betterproto2.TYPE_MESSAGE, optional=True, group="operation"
+    )
+
+    keep_alive: "KeepAliveRequest | None" = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, optional=True, group="operation"
+    )
+
+    release_lock: "ReleaseLockRequest | None" = betterproto2.field(
+        5, betterproto2.TYPE_MESSAGE, optional=True, group="operation"
+    )
+
+    get_leader: "GetLeaderRequest | None" = betterproto2.field(
+        6, betterproto2.TYPE_MESSAGE, optional=True, group="operation"
+    )
+
+
+default_message_pool.register_message("quorum.quest.api.v1", "SessionOperation", SessionOperation)
+
+
+@dataclass(eq=False, repr=False)
+class SessionRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return QUORUM_QUEST_API_V1_QUORUM_QUEST_API_PROTO_DESCRIPTOR.message_types_by_name[
+            "SessionRequest"
+        ]
+
+    operations: "list[SessionOperation]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+
+
+default_message_pool.register_message("quorum.quest.api.v1", "SessionRequest", SessionRequest)
+
+
+@dataclass(eq=False, repr=False)
+class SessionResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return QUORUM_QUEST_API_V1_QUORUM_QUEST_API_PROTO_DESCRIPTOR.message_types_by_name[
+            "SessionResponse"
+        ]
+
+    results: "list[SessionResult]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+
+default_message_pool.register_message("quorum.quest.api.v1", "SessionResponse", SessionResponse)
+
+
+@dataclass(eq=False, repr=False)
+class SessionResult(betterproto2.Message):
+    """
+    The result of one operation: OK (code 0) with its answer, or the status its unary
+    call would have ended with (a google.rpc.Code value) and its message.
+
+    Oneofs:
+        - answer:
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return QUORUM_QUEST_API_V1_QUORUM_QUEST_API_PROTO_DESCRIPTOR.message_types_by_name[
+            "SessionResult"
+        ]
+
+    id: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)
+
+    code: "int" = betterproto2.field(2, betterproto2.TYPE_INT32)
+
+    message: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+    try_acquire_lock: "TryAcquireLockResponse | None" = betterproto2.field(
+        4, betterproto2.TYPE_MESSAGE, optional=True, group="answer"
+    )
+
+    keep_alive: "KeepAliveResponse | None" = betterproto2.field(
+        5, betterproto2.TYPE_MESSAGE, optional=True, group="answer"
+    )
+
+    release_lock: "ReleaseLockResponse | None" = betterproto2.field(
+        6, betterproto2.TYPE_MESSAGE, optional=True, group="answer"
+    )
+
+    get_leader: "GetLeaderResponse | None" = betterproto2.field(
+        7, betterproto2.TYPE_MESSAGE, optional=True, group="answer"
+    )
+
+
+default_message_pool.register_message("quorum.quest.api.v1", "SessionResult", SessionResult)
+
+
+@dataclass(eq=False, repr=False)
 class TryAcquireLockRequest(betterproto2.Message):
     @betterproto2.staticproperty
     @staticmethod
@@ -664,9 +791,29 @@ class LeaderElectionServiceStub:
             LeaderChange.FromString,
         )(message)
 
+    def session(self, messages: "Iterable[SessionRequest]") -> "Iterator[SessionResponse]":
+        """
+        Many lock operations over one long-lived stream: each request message carries
+        one or more operations (acquire, keep-alive, release, get-leader), each with an
+        id the client chooses; each response message carries the results of one or more
+        of them, in any order. Every operation is served exactly as its unary call would
+        be (same checks, same answers, same status codes, per operation); a failed
+        operation fails alone and the stream goes on. The stream itself ends with a
+        status only for what concerns all of it (UNAUTHENTICATED, the instance shutting
+        down: UNAVAILABLE); an operation without a result then has an unknown outcome,
+        as a unary call that got no answer. At most 10,000 operations are in flight per
+        stream: beyond that the service stops reading until results are sent.
+        """
+
+        yield from self._channel.stream_stream(
+            "/quorum.quest.api.v1.LeaderElectionService/Session",
+            SessionRequest.SerializeToString,
+            SessionResponse.FromString,
+        )(iter(messages))
+
 
 from .....google import protobuf as ____google__protobuf__
 
 QUORUM_QUEST_API_V1_QUORUM_QUEST_API_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n*quorum/quest/api/v1/quorum_quest_api.proto\x12\x13quorum.quest.api.v1\x1a\x1egoogle/protobuf/duration.proto"\xa8\x01\n\x15TryAcquireLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs\x12\x17\n\x07wait_ms\x18\x06 \x01(\rR\x06waitMs"\xe8\x01\n\x16TryAcquireLockResponse\x12\x1b\n\tis_leader\x18\x01 \x01(\x08R\x08isLeader\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken\x12<\n\x0clease_length\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12\x1b\n\tleader_id\x18\x04 \x01(\tR\x08leaderId\x121\n\x06waited\x18\x05 \x01(\x0b2\x19.google.protobuf.DurationR\x06waited"\x88\x01\n\x12ReleaseLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x04 \x01(\x04R\x0cfencingToken"1\n\x13ReleaseLockResponse\x12\x1a\n\x08released\x18\x01 \x01(\x08R\x08released"\x8a\x01\n\x10KeepAliveRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs"v\n\x11KeepAliveResponse\x12<\n\x0clease_length\x18\x01 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken"D\n\x10GetLeaderRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain"\xf1\x01\n\x11GetLeaderResponse\x12\x1d\n\nhas_leader\x18\x01 \x01(\x08R\thasLeader\x12\x1b\n\tclient_id\x18\x02 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x03 \x01(\x04R\x0cfencingToken\x127\n\tremaining\x18\x04 \x01(\x0b2\x19.google.protobuf.DurationR\tremaining\x12B\n\x0fgrace_remaining\x18\x05 \x01(\x0b2\x19.google.protobuf.DurationR\x0egraceRemaining"\x12\n\x10GetStatusRequest"\xa9\x02\n\x11GetStatusResponse\x12\x18\n\x07version\x18\x01 \x01(\tR\x07version\x12\x18\n\x07backend\x18\x02 \x01(\tR\x07backend\x121\n\x06uptime\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x06uptime\x12\x1f\n\x0bheld_leases\x18\x04 \x01(\x04R\nheldLeases\x12\x1f\n\x0blast_reload\x18\x05 \x01(\tR\nlastReload\x12\'\n\x0fstore_reachable\x18\x06 \x01(\x08R\x0estoreReachable\x12B\n\x0fgrace_remaining\x18\x07 \x01(\x0b2\x19.google.protobuf.DurationR\x0egraceRemaining";\n\x07LockRef\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain"\x90\x01\n\x14KeepAliveManyRequest\x12\x1b\n\tclient_id\x18\x01 \x01(\tR\x08clientId\x122\n\x05locks\x18\x02 \x03(\x0b2\x1c.quorum.quest.api.v1.LockRefR\x05locks\x12\x10\n\x03ttl\x18\x03 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x04 \x01(\rR\x05ttlMs"|\n\x15KeepAliveManyResponse\x12<\n\x0clease_length\x18\x01 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12%\n\x0efencing_tokens\x18\x02 \x03(\x04R\rfencingTokens"b\n\tLockToken\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12#\n\rfencing_token\x18\x03 \x01(\x04R\x0cfencingToken"\x9b\x01\n\x13WatchLeadersRequest\x122\n\x05locks\x18\x01 \x03(\x0b2\x1c.quorum.quest.api.v1.LockRefR\x05locks\x12\x18\n\x07service\x18\x02 \x01(\tR\x07service\x126\n\x06resume\x18\x03 \x03(\x0b2\x1e.quorum.quest.api.v1.LockTokenR\x06resume"\xfd\x02\n\x0cLeaderChange\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12:\n\x04kind\x18\x03 \x01(\x0e2&.quorum.quest.api.v1.LeaderChange.KindR\x04kind\x12\x1b\n\tclient_id\x18\x04 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x05 \x01(\x04R\x0cfencingToken\x127\n\tremaining\x18\x06 \x01(\x0b2\x19.google.protobuf.DurationR\tremaining\x12\x10\n\x03gap\x18\x07 \x01(\x08R\x03gap"r\n\x04Kind\x12\x12\n\x10KIND_UNSPECIFIED\x12\x10\n\x0cKIND_CURRENT\x10\x01\x12\x10\n\x0cKIND_GRANTED\x10\x02\x12\x11\n\rKIND_RELEASED\x10\x03\x12\x10\n\x0cKIND_EXPIRED\x10\x04\x12\r\n\tKIND_LOST\x10\x052\xbf\x05\n\x15LeaderElectionService\x12i\n\x0eTryAcquireLock\x12*.quorum.quest.api.v1.TryAcquireLockRequest\x1a+.quorum.quest.api.v1.TryAcquireLockResponse\x12`\n\x0bReleaseLock\x12\'.quorum.quest.api.v1.ReleaseLockRequest\x1a(.quorum.quest.api.v1.ReleaseLockResponse\x12Z\n\tKeepAlive\x12%.quorum.quest.api.v1.KeepAliveRequest\x1a&.quorum.quest.api.v1.KeepAliveResponse\x12Z\n\tGetLeader\x12%.quorum.quest.api.v1.GetLeaderRequest\x1a&.quorum.quest.api.v1.GetLeaderResponse\x12Z\n\tGetStatus\x12%.quorum.quest.api.v1.GetStatusRequest\x1a&.quorum.quest.api.v1.GetStatusResponse\x12f\n\rKeepAliveMany\x12).quorum.quest.api.v1.KeepAliveManyRequest\x1a*.quorum.quest.api.v1.KeepAliveManyResponse\x12]\n\x0cWatchLeaders\x12(.quorum.quest.api.v1.WatchLeadersRequest\x1a!.quorum.quest.api.v1.LeaderChange0\x01B3Z1github.com/avivl/quorum-quest/api/gen/go/v1;apiv1b\x06proto3'
+    b'\n*quorum/quest/api/v1/quorum_quest_api.proto\x12\x13quorum.quest.api.v1\x1a\x1egoogle/protobuf/duration.proto"\xa8\x01\n\x15TryAcquireLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs\x12\x17\n\x07wait_ms\x18\x06 \x01(\rR\x06waitMs"\xe8\x01\n\x16TryAcquireLockResponse\x12\x1b\n\tis_leader\x18\x01 \x01(\x08R\x08isLeader\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken\x12<\n\x0clease_length\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12\x1b\n\tleader_id\x18\x04 \x01(\tR\x08leaderId\x121\n\x06waited\x18\x05 \x01(\x0b2\x19.google.protobuf.DurationR\x06waited"\x88\x01\n\x12ReleaseLockRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x04 \x01(\x04R\x0cfencingToken"1\n\x13ReleaseLockResponse\x12\x1a\n\x08released\x18\x01 \x01(\x08R\x08released"\x8a\x01\n\x10KeepAliveRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12\x1b\n\tclient_id\x18\x03 \x01(\tR\x08clientId\x12\x10\n\x03ttl\x18\x04 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x05 \x01(\rR\x05ttlMs"v\n\x11KeepAliveResponse\x12<\n\x0clease_length\x18\x01 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12#\n\rfencing_token\x18\x02 \x01(\x04R\x0cfencingToken"D\n\x10GetLeaderRequest\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain"\xf1\x01\n\x11GetLeaderResponse\x12\x1d\n\nhas_leader\x18\x01 \x01(\x08R\thasLeader\x12\x1b\n\tclient_id\x18\x02 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x03 \x01(\x04R\x0cfencingToken\x127\n\tremaining\x18\x04 \x01(\x0b2\x19.google.protobuf.DurationR\tremaining\x12B\n\x0fgrace_remaining\x18\x05 \x01(\x0b2\x19.google.protobuf.DurationR\x0egraceRemaining"\x12\n\x10GetStatusRequest"\xa9\x02\n\x11GetStatusResponse\x12\x18\n\x07version\x18\x01 \x01(\tR\x07version\x12\x18\n\x07backend\x18\x02 \x01(\tR\x07backend\x121\n\x06uptime\x18\x03 \x01(\x0b2\x19.google.protobuf.DurationR\x06uptime\x12\x1f\n\x0bheld_leases\x18\x04 \x01(\x04R\nheldLeases\x12\x1f\n\x0blast_reload\x18\x05 \x01(\tR\nlastReload\x12\'\n\x0fstore_reachable\x18\x06 \x01(\x08R\x0estoreReachable\x12B\n\x0fgrace_remaining\x18\x07 \x01(\x0b2\x19.google.protobuf.DurationR\x0egraceRemaining";\n\x07LockRef\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain"\x90\x01\n\x14KeepAliveManyRequest\x12\x1b\n\tclient_id\x18\x01 \x01(\tR\x08clientId\x122\n\x05locks\x18\x02 \x03(\x0b2\x1c.quorum.quest.api.v1.LockRefR\x05locks\x12\x10\n\x03ttl\x18\x03 \x01(\x05R\x03ttl\x12\x15\n\x06ttl_ms\x18\x04 \x01(\rR\x05ttlMs"|\n\x15KeepAliveManyResponse\x12<\n\x0clease_length\x18\x01 \x01(\x0b2\x19.google.protobuf.DurationR\x0bleaseLength\x12%\n\x0efencing_tokens\x18\x02 \x03(\x04R\rfencingTokens"b\n\tLockToken\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12#\n\rfencing_token\x18\x03 \x01(\x04R\x0cfencingToken"\x9b\x01\n\x13WatchLeadersRequest\x122\n\x05locks\x18\x01 \x03(\x0b2\x1c.quorum.quest.api.v1.LockRefR\x05locks\x12\x18\n\x07service\x18\x02 \x01(\tR\x07service\x126\n\x06resume\x18\x03 \x03(\x0b2\x1e.quorum.quest.api.v1.LockTokenR\x06resume"\xfd\x02\n\x0cLeaderChange\x12\x18\n\x07service\x18\x01 \x01(\tR\x07service\x12\x16\n\x06domain\x18\x02 \x01(\tR\x06domain\x12:\n\x04kind\x18\x03 \x01(\x0e2&.quorum.quest.api.v1.LeaderChange.KindR\x04kind\x12\x1b\n\tclient_id\x18\x04 \x01(\tR\x08clientId\x12#\n\rfencing_token\x18\x05 \x01(\x04R\x0cfencingToken\x127\n\tremaining\x18\x06 \x01(\x0b2\x19.google.protobuf.DurationR\tremaining\x12\x10\n\x03gap\x18\x07 \x01(\x08R\x03gap"r\n\x04Kind\x12\x12\n\x10KIND_UNSPECIFIED\x12\x10\n\x0cKIND_CURRENT\x10\x01\x12\x10\n\x0cKIND_GRANTED\x10\x02\x12\x11\n\rKIND_RELEASED\x10\x03\x12\x10\n\x0cKIND_EXPIRED\x10\x04\x12\r\n\tKIND_LOST\x10\x05"\x86\x03\n\x10SessionOperation\x12\x0e\n\x02id\x18\x01 \x01(\x04R\x02id\x12\x1f\n\x0bdeadline_ms\x18\x02 \x01(\rR\ndeadlineMs\x12V\n\x10try_acquire_lock\x18\x03 \x01(\x0b2*.quorum.quest.api.v1.TryAcquireLockRequestH\x00R\x0etryAcquireLock\x12F\n\nkeep_alive\x18\x04 \x01(\x0b2%.quorum.quest.api.v1.KeepAliveRequestH\x00R\tkeepAlive\x12L\n\x0crelease_lock\x18\x05 \x01(\x0b2\'.quorum.quest.api.v1.ReleaseLockRequestH\x00R\x0breleaseLock\x12F\n\nget_leader\x18\x06 \x01(\x0b2%.quorum.quest.api.v1.GetLeaderRequestH\x00R\tgetLeaderB\x0b\n\toperation"W\n\x0eSessionRequest\x12E\n\noperations\x18\x01 \x03(\x0b2%.quorum.quest.api.v1.SessionOperationR\noperations"\x91\x03\n\rSessionResult\x12\x0e\n\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n\x04code\x18\x02 \x01(\x05R\x04code\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\x12W\n\x10try_acquire_lock\x18\x04 \x01(\x0b2+.quorum.quest.api.v1.TryAcquireLockResponseH\x00R\x0etryAcquireLock\x12G\n\nkeep_alive\x18\x05 \x01(\x0b2&.quorum.quest.api.v1.KeepAliveResponseH\x00R\tkeepAlive\x12M\n\x0crelease_lock\x18\x06 \x01(\x0b2(.quorum.quest.api.v1.ReleaseLockResponseH\x00R\x0breleaseLock\x12G\n\nget_leader\x18\x07 \x01(\x0b2&.quorum.quest.api.v1.GetLeaderResponseH\x00R\tgetLeaderB\x08\n\x06answer"O\n\x0fSessionResponse\x12<\n\x07results\x18\x01 \x03(\x0b2".quorum.quest.api.v1.SessionResultR\x07results2\x99\x06\n\x15LeaderElectionService\x12i\n\x0eTryAcquireLock\x12*.quorum.quest.api.v1.TryAcquireLockRequest\x1a+.quorum.quest.api.v1.TryAcquireLockResponse\x12`\n\x0bReleaseLock\x12\'.quorum.quest.api.v1.ReleaseLockRequest\x1a(.quorum.quest.api.v1.ReleaseLockResponse\x12Z\n\tKeepAlive\x12%.quorum.quest.api.v1.KeepAliveRequest\x1a&.quorum.quest.api.v1.KeepAliveResponse\x12Z\n\tGetLeader\x12%.quorum.quest.api.v1.GetLeaderRequest\x1a&.quorum.quest.api.v1.GetLeaderResponse\x12Z\n\tGetStatus\x12%.quorum.quest.api.v1.GetStatusRequest\x1a&.quorum.quest.api.v1.GetStatusResponse\x12f\n\rKeepAliveMany\x12).quorum.quest.api.v1.KeepAliveManyRequest\x1a*.quorum.quest.api.v1.KeepAliveManyResponse\x12]\n\x0cWatchLeaders\x12(.quorum.quest.api.v1.WatchLeadersRequest\x1a!.quorum.quest.api.v1.LeaderChange0\x01\x12X\n\x07Session\x12#.quorum.quest.api.v1.SessionRequest\x1a$.quorum.quest.api.v1.SessionResponse(\x010\x01B3Z1github.com/avivl/quorum-quest/api/gen/go/v1;apiv1b\x06proto3'
 )

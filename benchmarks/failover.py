@@ -1,7 +1,10 @@
 """Failover time: how long a lock stays unheld after its leader goes away.
 
-`python -m benchmarks.run --mode failover` runs it; this module is also the leader
-process: `python -m benchmarks.failover leader <address> <domain> <ttl>`.
+uv run python -m benchmarks.run --mode failover [--ttl 3] [--rounds 5] [--waiters 3]
+    [--settle 3] [--redis-url redis://127.0.0.1:6379/0] [--results-dir DIR]
+
+(the same as `python -m benchmarks.failover` with those options); this module is also
+the leader process: `python -m benchmarks.failover leader <address> <domain> <ttl>`.
 
 Each round has its own lock on the service (Redis store, its own process). A leader
 process takes the lock with the SDK's `leadership()` and prints `leading <token>`;
@@ -25,21 +28,38 @@ lock. Times are `time.monotonic()` (CLOCK_MONOTONIC on Linux, shared by all proc
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from benchmarks.core import (
+    add_redis_url,
+    command_line,
+    environment,
+    mode_parser,
+    positive,
+    publish,
+    quiet_logging,
+    redis_for,
+)
 from benchmarks.targets import REPO_ROOT, delete_keys, service_target
 from quorum_quest._rpc import LeaderElectionStub, pb
 from quorum_quest.client import QuorumQuestClient
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+MODE = "failover"
 CASES = ("kill", "graceful", "graceful-across")
 SERVICE = "qq-bench-failover"
 RPC_TIMEOUT_S = 2.0
@@ -315,14 +335,98 @@ def failover_table(rounds: list[dict[str, Any]], settings: FailoverSettings) -> 
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 4 or argv[0] != "leader":
-        print("usage: python -m benchmarks.failover leader <address> <domain> <ttl>")
-        return 2
-    _, address, domain, ttl = argv
-    asyncio.run(lead(address, domain, float(ttl)))
+def failover_chart(
+    rounds: Sequence[dict[str, Any]], expected_ms: dict[str, float]
+) -> Callable[[Figure], None]:
+    """Per case, each round's unheld time, its median, and the expected bound."""
+
+    def draw(figure: Figure) -> None:
+        cases = list(dict.fromkeys(r["case"] for r in rounds))
+        for ax, case in zip(figure.subplots(1, len(cases), squeeze=False)[0], cases, strict=True):
+            times = [r["unheld_ms"] for r in rounds if r["case"] == case]
+            ax.plot(range(1, len(times) + 1), times, "o", label="round")
+            ax.axhline(statistics.median(times), color="C1", label="median")
+            if case in expected_ms:
+                ax.axhline(expected_ms[case], color="C3", linestyle="--", label="expected bound")
+            ax.set_ylim(bottom=0)
+            ax.set_xticks(range(1, len(times) + 1))
+            ax.set_xlabel("round")
+            ax.set_ylabel("lock unheld, ms")
+            ax.set_title(case)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+
+    return draw
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = mode_parser(MODE, __doc__.split("\n")[0])
+    parser.add_argument(
+        "--ttl", type=positive, default=3.0, help="lease of leader and waiters; default 3"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per case; default 5")
+    parser.add_argument("--waiters", type=int, default=3, help="waiting clients per round")
+    parser.add_argument(
+        "--settle", type=float, default=None, help="seconds the waiters poll first; default ttl"
+    )
+    add_redis_url(parser)
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.waiters < 1:
+        parser.error("--rounds and --waiters must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["leader"]:
+        if len(argv) != 4:
+            print("usage: python -m benchmarks.failover leader <address> <domain> <ttl>")
+            return 2
+        _, address, domain, ttl = argv
+        asyncio.run(lead(address, domain, float(ttl)))
+        return 0
+    args = parse_args(argv)
+    quiet_logging()
+    started = datetime.now(UTC)
+    settings = FailoverSettings(
+        ttl=args.ttl,
+        rounds=args.rounds,
+        waiters=args.waiters,
+        settle=args.ttl if args.settle is None else args.settle,
+    )
+    with redis_for(args.redis_url) as redis_url:
+        assert redis_url is not None
+        rounds = asyncio.run(run_failover(settings, redis_url))
+        env = environment(redis_url, ["redis"])
+    interval = settings.keep_alive_interval
+    text = (
+        f"Failover on the redis service: a leader process in the SDK's leadership() with "
+        f"ttl {settings.ttl:g} s (renewal every {interval:g} s), {settings.waiters} waiting "
+        f"SDK clients that poll for {settings.settle:g} s (plus up to one renewal interval) "
+        "before the leader goes away; "
+        f"{env['cpus']} CPUs shared by all processes.\n\n" + failover_table(rounds, settings)
+    )
+    document = {
+        "started": started.isoformat(),
+        "command": command_line(MODE, argv),
+        "settings": {
+            "mode": MODE,
+            "ttl": settings.ttl,
+            "keep_alive_interval": interval,
+            "rounds": settings.rounds,
+            "waiters": settings.waiters,
+            "settle": settings.settle,
+        },
+        "environment": env,
+        "failover": {"summary": summarize(rounds), "rounds": rounds},
+    }
+    chart = failover_chart(rounds, expected_ms(settings))
+    publish(args.results_dir, MODE, "Failover", started, document, text, chart)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -5,7 +5,8 @@ warm-up and the measured window; only calls that complete inside the window coun
 towards rates and latencies. After the window each client finishes its current
 cycle (every call has a deadline) and stops; a guard timeout cancels whatever is left.
 Given a `CpuProbe`, a task reads CPU seconds at the window's start and end (timers on
-the same event loop, no work per call), so CPU per call covers the calls counted.
+the same event loop, no work per call: `cpu_in_window`), so CPU per call covers the
+calls counted.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from benchmarks.proc import cpu_seconds, process_tree
+from benchmarks.proc import CpuProbe, CpuReading, cpu_per_call, cpu_used
 from benchmarks.targets import Session, Target
 from quorum_quest.errors import ServiceUnavailable
 from quorum_quest.stores import LockKey
@@ -29,8 +30,6 @@ from quorum_quest.stores import LockKey
 OPERATIONS = ("acquire", "keep_alive", "release")
 SCENARIOS = ("distinct", "contended")
 ERROR_BACKOFF_S = 0.01  # after a failed call, so a broken target is not hammered in a spin
-# CPU seconds used so far, by role ("client", "server", "redis"); None: its pid is unknown
-CpuProbe = Callable[[], dict[str, float | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +66,7 @@ class Tally:
     attempts: int = 0  # acquire calls answered, granted or not
     errors: Counter[str] = field(default_factory=Counter)  # raised: "<op>:<kind>"
     lost: Counter[str] = field(default_factory=Counter)  # refused although the client held it
-    cpu_s: dict[str, float | None] = field(default_factory=dict)  # used in the window, by role
+    cpu_s: CpuReading = field(default_factory=dict)  # used in the window, by role
 
     async def call(self, op: str, answer: Awaitable[bool]) -> bool | None:
         """Await one operation and time it; None when it raised."""
@@ -173,38 +172,12 @@ async def drive(
         tally.errors["harness:guard-timeout"] += 1
 
 
-def cpu_probe(
-    target: Target, redis: int | Sequence[int] | None, on_redis: bool, replicas: Sequence[int] = ()
-) -> CpuProbe:
-    """Reads the CPU seconds of this process (`client`), of the target's server process
-    tree (`server`, unless the calls run in this process) and, for a target `on_redis`,
-    of redis-server (`redis`: the sum over several pids, a cluster's primaries), and of
-    a cluster's `replicas` apart (`redis_replicas`)."""
-    redis_pids = [redis] if isinstance(redis, int) else redis
-
-    def read() -> dict[str, float | None]:
-        used: dict[str, float | None] = {"client": time.process_time()}
-        if target.pid is not None:
-            used["server"] = cpu_seconds(process_tree(target.pid))
-        if on_redis:
-            used["redis"] = None if redis_pids is None else cpu_seconds(redis_pids)
-        if replicas:
-            used["redis_replicas"] = cpu_seconds(replicas)
-        return used
-
-    return read
-
-
-async def read_cpu(tally: Tally, probe: CpuProbe) -> None:
-    """`tally.cpu_s`: what `probe` reads at the window's end minus at its start."""
-    await asyncio.sleep(tally.window.start - time.perf_counter())
+async def cpu_in_window(window: Window, probe: CpuProbe) -> CpuReading:
+    """What `probe` reads at the window's end minus at its start, sleeping until each."""
+    await asyncio.sleep(window.start - time.perf_counter())
     before = probe()
-    await asyncio.sleep(tally.window.end - time.perf_counter())
-    after = probe()
-    tally.cpu_s = {
-        role: None if used is None or before[role] is None else used - before[role]
-        for role, used in after.items()
-    }
+    await asyncio.sleep(window.end - time.perf_counter())
+    return cpu_used(before, probe())
 
 
 async def run_cell(
@@ -241,26 +214,15 @@ async def measure(
         tally.window = Window(start, start + settings.duration)
         guard = start - time.perf_counter() + settings.duration + 3 * settings.timeout + 5
         async with asyncio.TaskGroup() as group:
+            reading = None
             if probe is not None:
-                group.create_task(read_cpu(tally, probe))
+                reading = group.create_task(cpu_in_window(tally.window, probe))
             await drive(sessions, keys, cell_id, tally, guard)
+        if reading is not None:
+            tally.cpu_s = reading.result()
     finally:
         await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
     return tally
-
-
-def per_call_us(used: float | None, calls: int) -> float | None:
-    """CPU seconds `used` as µs per call; None when unknown or without calls."""
-    return None if used is None or not calls else used / calls * 1e6
-
-
-def cpu_per_call(cpu_s: dict[str, float | None], calls: int) -> dict[str, float | None]:
-    """CPU µs per call by role, and their `total` (None when a role's is unknown)."""
-    per_call = {role: per_call_us(used, calls) for role, used in cpu_s.items()}
-    known = [value for value in per_call.values() if value is not None]
-    if per_call:
-        per_call["total"] = sum(known) if len(known) == len(per_call) else None
-    return per_call
 
 
 def summarize(target: str, scenario: str, clients: int, tally: Tally) -> dict[str, Any]:

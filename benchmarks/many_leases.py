@@ -1,8 +1,10 @@
 """Many leases held by one client: renewal lag and spurious expirations.
 
-uv run python -m benchmarks.many_leases [--leases 1000,10000,50000] [--ttl 15]
+uv run python -m benchmarks.run --mode many-leases [--leases 1000,10000,50000] [--ttl 15]
     [--duration 45] [--find-max [--factor 2] [--max-leases 400000]]
     [--redis-url redis://127.0.0.1:6379/0 | --redis-cluster] [--results-dir DIR]
+
+(the same as `python -m benchmarks.many_leases` with those options).
 
 The service runs as its own process on the Redis store, started as the other targets
 start it (`benchmarks.targets.service_target`); Redis is a throw-away redis-server
@@ -39,29 +41,35 @@ import argparse
 import asyncio
 import math
 import os
-import platform
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib.metadata import version
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from benchmarks.core import (
+    add_redis_url,
+    command_line,
+    counts,
+    environment,
+    mode_parser,
+    publish,
+    quiet_logging,
+    redis_for,
+)
 from benchmarks.proc import children, command, cpu_seconds
-from benchmarks.run import counts
 from benchmarks.targets import cluster_pids, cluster_store, delete_keys, service_target
 from quorum_quest import Callbacks, Lease, QuorumQuestClient
 from quorum_quest.client.lease import EXPIRED, RELEASED
-from quorum_quest.config.settings import LoggerSettings
 from quorum_quest.errors import ServiceUnavailable
-from quorum_quest.telemetry.logging import configure_logging
-from tests.backends.redis import RedisProcess
 from tests.backends.redis_cluster import RedisCluster
 
-RESULTS_DIR = Path(__file__).parent / "results"
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+MODE = "many-leases"
 CLUSTER_NOTE = (
     " in cluster mode on a Redis Cluster of 3 primaries + 3 replicas (CPU redis: the sum "
     "over the primaries; the replicas' in the JSON, redis_replicas)"
@@ -315,8 +323,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def lag_chart(rows: list[dict[str, Any]], steps: list[Step]):
-    def draw(figure: Any) -> None:
+def lag_chart(steps: list[Step]) -> Callable[[Figure], None]:
+    def draw(figure: Figure) -> None:
         axes = figure.subplots()
         for step in steps:
             lags = sorted(lag * 1000 for lag in step.lags)
@@ -335,10 +343,8 @@ def lag_chart(rows: list[dict[str, Any]], steps: list[Step]):
 # -- command line ----------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.many_leases", description=__doc__.split("\n")[0]
-    )
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = mode_parser(MODE, __doc__.split("\n")[0])
     parser.add_argument("--leases", type=counts, default=[50_000], help="lease counts to run")
     parser.add_argument("--ttl", type=float, default=15.0, help="lease length, seconds")
     parser.add_argument(
@@ -351,44 +357,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--factor", type=float, default=2.0)
     parser.add_argument("--max-leases", type=int, default=400_000)
-    parser.add_argument("--redis-url", default=None, help="a Redis on 127.0.0.1 to use")
+    add_redis_url(parser)
     parser.add_argument(
         "--redis-cluster",
         action="store_true",
         help="the store in cluster mode on a throw-away Redis Cluster (3 primaries + 3 "
         "replicas on 127.0.0.1)",
     )
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.redis_cluster and args.redis_url:
         parser.error("--redis-cluster starts a cluster of its own: no --redis-url with it")
     if args.ttl <= 0 or args.duration <= 0 or args.factor <= 1:
         parser.error("--ttl and --duration must be positive, --factor above 1")
-    if args.redis_url and "127.0.0.1" not in args.redis_url and "localhost" not in args.redis_url:
-        parser.error("only a Redis on 127.0.0.1 is allowed")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    configure_logging(LoggerSettings(level="WARNING"))
+    quiet_logging()
     started = datetime.now(UTC)
-    if args.redis_url:
-        steps = asyncio.run(run_all(args, args.redis_url))
-    elif args.redis_cluster:
+    if args.redis_cluster:
         # Started in this thread: its nodes die with the thread that started them.
         with RedisCluster() as cluster:
             steps = asyncio.run(run_all(args, None, cluster))
     else:
-        with RedisProcess() as redis_server:
-            steps = asyncio.run(run_all(args, redis_server.url))
+        with redis_for(args.redis_url) as redis_url:
+            steps = asyncio.run(run_all(args, redis_url))
     # The SDK's default renewal interval, which the client uses.
     rows = [summary(step, args.duration, args.ttl / 3) for step in steps]
-    given = sys.argv[1:] if argv is None else list(argv)
-    command = " ".join(["uv run python -m benchmarks.many_leases", *given])
     text = "\n".join(
         [
-            f"`{command}`\n",
             f"ttl {args.ttl:g} s (renewal every {args.ttl / 3:g} s), {args.duration:g} s "
             f"measured per count; one SDK client, the service in its own process on the "
             f"Redis store{CLUSTER_NOTE if args.redis_cluster else ''}, {os.cpu_count()} CPUs "
@@ -396,32 +395,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             table(rows),
         ]
     )
-    print("\n" + text)
     document = {
         "started": started.isoformat(),
-        "command": command,
+        "command": command_line(MODE, argv),
         "settings": {
             "ttl": args.ttl,
             "duration": args.duration,
             "find_max": args.find_max,
             "redis_cluster": args.redis_cluster,
         },
-        "environment": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "grpcio": version("grpcio"),
-            "redis-py": version("redis"),
-        },
+        "environment": environment(None),
         "results": rows,
     }
-    from benchmarks.report import save
-
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    for path in save(
-        args.results_dir, f"{stamp}-many-leases", document, text, lag_chart(rows, steps)
-    ):
-        print(f"wrote {path}", file=sys.stderr)
+    publish(args.results_dir, MODE, "Many leases", started, document, text, lag_chart(steps))
     # --find-max ends on a count that is not sustained by design.
     ok = any if args.find_max else all
     return 0 if ok(row["sustained"] for row in rows) else 1

@@ -1,5 +1,6 @@
 """What Linux `/proc` says about the processes a benchmark runs: their descendants, their
-CPU seconds, their sockets, and which process is the redis-server behind a URL.
+CPU seconds, their sockets, and which process is the redis-server behind a URL; and the
+CPU each role (client, server, redis) used over a window, per call.
 
 Every reading is a few small file reads, cheap enough to take at a window's edges while
 the load runs. A process that ends between two readings is skipped, not an error.
@@ -8,13 +9,17 @@ the load runs. A process that ends between two readings is skipped, not an error
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from pathlib import Path
 
 import redis.asyncio as aioredis
 
 TICK = os.sysconf("SC_CLK_TCK")  # /proc counts CPU time in these ticks (10 ms with 100)
+# CPU seconds used so far, by role ("client", "server", "redis"); None: its pid is unknown
+CpuReading = dict[str, float | None]
+CpuProbe = Callable[[], CpuReading]
 
 
 def children(pid: int) -> list[int]:
@@ -98,3 +103,54 @@ async def redis_pid(url: str) -> int | None:
         await client.aclose()
     # In a container the pid is another namespace's: it names no redis-server here.
     return pid if b"redis-server" in command(pid) else None
+
+
+# -- CPU by role over a window ---------------------------------------------------------
+
+
+def cpu_probe(
+    server: int | None,
+    redis: int | Sequence[int] | None,
+    on_redis: bool,
+    replicas: Sequence[int] = (),
+) -> CpuProbe:
+    """Reads the CPU seconds of this process (`client`), of the `server` process tree
+    (`server`, unless None: the calls run in this process) and, `on_redis`, of
+    redis-server (`redis`: the sum over several pids, a cluster's primaries; None when
+    its pid is unknown), and of a cluster's `replicas` apart (`redis_replicas`)."""
+    redis_pids = [redis] if isinstance(redis, int) else redis
+
+    def read() -> CpuReading:
+        used: CpuReading = {"client": time.process_time()}
+        if server is not None:
+            used["server"] = cpu_seconds(process_tree(server))
+        if on_redis:
+            used["redis"] = None if redis_pids is None else cpu_seconds(redis_pids)
+        if replicas:
+            used["redis_replicas"] = cpu_seconds(replicas)
+        return used
+
+    return read
+
+
+def cpu_used(before: CpuReading, after: CpuReading) -> CpuReading:
+    """CPU seconds used between two readings, by role (None where either is unknown)."""
+    used: CpuReading = {}
+    for role, now in after.items():
+        then = before.get(role)
+        used[role] = None if now is None or then is None else now - then
+    return used
+
+
+def per_call_us(used: float | None, calls: int) -> float | None:
+    """CPU seconds `used` as µs per call; None when unknown or without calls."""
+    return None if used is None or not calls else used / calls * 1e6
+
+
+def cpu_per_call(cpu_s: CpuReading, calls: int) -> dict[str, float | None]:
+    """CPU µs per call by role, and their `total` (None when a role's is unknown)."""
+    per_call = {role: per_call_us(used, calls) for role, used in cpu_s.items()}
+    known = [value for value in per_call.values() if value is not None]
+    if per_call:
+        per_call["total"] = sum(known) if len(known) == len(per_call) else None
+    return per_call

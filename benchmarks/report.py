@@ -1,4 +1,5 @@
-"""A run's files (JSON, Markdown, PNG chart), the ceiling ratios, and medians over runs.
+"""A run's files (JSON, Markdown, PNG chart: each mode draws its own), the ceiling ratios,
+and medians over runs.
 
 python -m benchmarks.report RESULT.json [RESULT.json ...]
 
@@ -82,96 +83,6 @@ def cpu_ratio(result: Result, echo: Result, role: str) -> float | None:
     return mine / reference if mine is not None and reference else None
 
 
-# -- charts ----------------------------------------------------------------------------
-
-
-def cycles_chart(results: Sequence[Result]) -> Callable[[Figure], None]:
-    """Grouped bars per (scenario, clients): calls/s and cycles/s of each target."""
-
-    def draw(figure: Figure) -> None:
-        cells = list(dict.fromkeys((r["scenario"], r["clients"]) for r in results))
-        targets = list(dict.fromkeys(r["target"] for r in results))
-        found = {(r["target"], r["scenario"], r["clients"]): r for r in results}
-        width = 0.8 / len(targets)
-        axes = figure.subplots(1, 2)
-        for ax, column, title in (
-            (axes[0], "calls_per_s", "calls/s"),
-            (axes[1], "cycles_per_s", "cycles/s (echo = the bound, echo calls/s ÷ 3)"),
-        ):
-            for i, target in enumerate(targets):
-                xs = [c + (i - (len(targets) - 1) / 2) * width for c in range(len(cells))]
-                values = [found.get((target, *cell), {}).get(column, 0.0) for cell in cells]
-                ax.bar(xs, values, width, label=target)
-            ax.set_xticks(range(len(cells)), [f"{s}\n{n} clients" for s, n in cells])
-            ax.set_title(title)
-            ax.grid(axis="y", alpha=0.3)
-        axes[0].legend(fontsize="small")
-
-    return draw
-
-
-def failover_chart(
-    rounds: Sequence[dict[str, Any]], expected_ms: dict[str, float]
-) -> Callable[[Figure], None]:
-    """Per case, each round's unheld time, its median, and the expected bound."""
-
-    def draw(figure: Figure) -> None:
-        cases = list(dict.fromkeys(r["case"] for r in rounds))
-        for ax, case in zip(figure.subplots(1, len(cases), squeeze=False)[0], cases, strict=True):
-            times = [r["unheld_ms"] for r in rounds if r["case"] == case]
-            ax.plot(range(1, len(times) + 1), times, "o", label="round")
-            ax.axhline(statistics.median(times), color="C1", label="median")
-            if case in expected_ms:
-                ax.axhline(expected_ms[case], color="C3", linestyle="--", label="expected bound")
-            ax.set_ylim(bottom=0)
-            ax.set_xticks(range(1, len(times) + 1))
-            ax.set_xlabel("round")
-            ax.set_ylabel("lock unheld, ms")
-            ax.set_title(case)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
-
-    return draw
-
-
-def workers_chart(
-    rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], cpus: int
-) -> Callable[[Figure], None]:
-    """Per worker count: every run's calls/s and the median; the median cores kept busy."""
-
-    def draw(figure: Figure) -> None:
-        calls, busy = figure.subplots(1, 2)
-        places = range(len(summary))
-        labels = [f"{s['workers']} worker{'s' if s['workers'] > 1 else ''}" for s in summary]
-        for place, s in zip(places, summary, strict=True):
-            rates = [r["calls_per_s"] for r in rows if r["workers"] == s["workers"]]
-            run, median = ("run", "median") if place == 0 else (None, None)  # one legend entry
-            calls.plot([place] * len(rates), rates, "o", color="C0", label=run)
-            width = (place - 0.25, place + 0.25)
-            calls.hlines(s["calls_per_s"]["median"], *width, color="C1", label=median)
-        calls.set_xticks(places, labels)
-        calls.set_xlim(-0.5, len(summary) - 0.5)
-        calls.set_ylim(bottom=0)
-        calls.set_title("calls/s, all load processes")
-        calls.grid(axis="y", alpha=0.3)
-        calls.legend(fontsize="small", loc="lower center")
-        stacked = [0.0] * len(summary)
-        for role in ("service", "load", "redis"):
-            values = [s["cores"][role] or 0.0 for s in summary]
-            busy.bar(places, values, 0.6, bottom=stacked, label=role)
-            stacked = [b + v for b, v in zip(stacked, values, strict=True)]
-        machine = [s["cores"]["machine"] or 0.0 for s in summary]
-        rest = [max(0.0, m - b) for m, b in zip(machine, stacked, strict=True)]
-        busy.bar(places, rest, 0.6, bottom=stacked, color="0.75", label="rest of the machine")
-        busy.axhline(cpus, color="C3", linestyle="--", label=f"{cpus} cores")
-        busy.set_xticks(places, labels)
-        busy.set_title("cores busy in the window (medians)")
-        busy.grid(axis="y", alpha=0.3)
-        busy.legend(fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
-
-    return draw
-
-
 # -- medians over runs -------------------------------------------------------------------
 
 
@@ -181,6 +92,21 @@ def spread(values: Sequence[float], digits: int = 0) -> str:
         f"{statistics.median(values):.{digits}f} "
         f"({min(values):.{digits}f}–{max(values):.{digits}f})"
     )
+
+
+def median_range(values: Sequence[float | None]) -> dict[str, float] | None:
+    """The median, min and max of the known values (a JSON summary); None without any."""
+    known = [value for value in values if value is not None]
+    if not known:
+        return None
+    return {"median": statistics.median(known), "min": min(known), "max": max(known)}
+
+
+def shown(stats: dict[str, float] | None, digits: int = 0) -> str:
+    """A `median_range` as median (min–max); - when unknown."""
+    if stats is None:
+        return "-"
+    return f"{stats['median']:.{digits}f} ({stats['min']:.{digits}f}–{stats['max']:.{digits}f})"
 
 
 def over_runs(documents: Sequence[dict[str, Any]]) -> str:

@@ -62,7 +62,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.echo_server import RESPONSES
 from benchmarks.otlp_sink import COUNTS_PREFIX
-from benchmarks.proc import process_tree, socket_inodes, tcp_sockets
+from benchmarks.proc import CpuProbe, cpu_probe, process_tree, socket_inodes, tcp_sockets
 from quorum_quest._rpc import LeaderElectionStub, pb
 from quorum_quest.client import QuorumQuestClient
 from quorum_quest.stores import LockKey, LockStore, store_class
@@ -695,6 +695,15 @@ async def redis_cluster_target(name: str, timeout: float) -> AsyncIterator[Clust
 def on_redis(name: str) -> bool:
     """Whether target `name` runs on Redis (and so needs a Redis URL)."""
     return name.startswith("redis")
+
+
+def target_cpu_probe(target: Target, redis: int | None) -> CpuProbe:
+    """Reads the CPU seconds of this process, of `target`'s server and, for a target on
+    Redis, of the redis-server with pid `redis` (a cluster's own: its primaries, and its
+    replicas apart)."""
+    if isinstance(target, ClusterTarget):
+        return cpu_probe(target.pid, target.primary_pids, True, target.replica_pids)
+    return cpu_probe(target.pid, redis, on_redis(target.name))
 
 
 async def delete_keys(url: str, key_prefix: str) -> int:

@@ -54,23 +54,31 @@ import asyncio
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from benchmarks.core import (
+    add_redis_url,
+    command_line,
+    environment,
+    loads,
+    mode_parser,
+    publish,
+    quiet_logging,
+    redis_for,
+)
 from benchmarks.proc import cpu_seconds, process_tree, redis_pid
 from benchmarks.targets import (
     CLIENT_CHANNEL_OPTIONS,
@@ -80,7 +88,10 @@ from benchmarks.targets import (
 )
 from quorum_quest._rpc import LeaderElectionStub, wire
 
-RESULTS_DIR = Path(__file__).parent / "results"
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+MODE = "watch"
 RPC_TIMEOUT_S = 5.0
 SERVICE = "qq-watch-bench"
 LATENCY_LOCK = "latency"
@@ -698,10 +709,6 @@ def share(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
-def loads(values: Sequence[float]) -> str:
-    return ", ".join(f"{value:.2f}" for value in values)
-
-
 def latency_line(n: int, row: dict[str, Any]) -> str:
     bound = row["sent_to_seen_ms"]
     return (
@@ -868,8 +875,8 @@ def tables(
     return "\n".join(lines)
 
 
-def chart(rounds: Sequence[dict[str, Any]]) -> Any:
-    def draw(figure: Any) -> None:
+def chart(rounds: Sequence[dict[str, Any]]) -> Callable[[Figure], None]:
+    def draw(figure: Figure) -> None:
         left, right = figure.subplots(1, 2)
         for r in rounds:
             row = r["latency"]["sent_to_seen_ms"]
@@ -896,12 +903,8 @@ def chart(rounds: Sequence[dict[str, Any]]) -> Any:
     return draw
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from benchmarks.run import loopback_url
-
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.watch", description=__doc__.split("\n")[0]
-    )
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = mode_parser(MODE, __doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--cycles", type=int, default=300, help="writer cycles (part 1)")
     parser.add_argument("--pause", type=float, default=0.02, help="s after each answer")
     parser.add_argument("--watchers", type=int, default=3, help="SDK watchers (part 1)")
@@ -925,8 +928,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--deliver-timeout", type=float, default=30.0)
     parser.add_argument("--rounds", type=int, default=1, help="rounds of both parts")
-    parser.add_argument("--redis-url", type=loopback_url, default=None)
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    add_redis_url(parser)
     args = parser.parse_args(argv)
     forms = [form.strip() for form in args.watch_on.split(",") if form.strip()]
     if not forms or set(forms) - set(FORMS):
@@ -939,13 +941,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["streams"]:
         return streams_main(argv[1:])
-    from benchmarks.report import save
-    from quorum_quest.config.settings import LoggerSettings
-    from quorum_quest.telemetry.logging import configure_logging
-    from tests.backends.redis import RedisProcess
-
     args = parse_args(argv)
-    configure_logging(LoggerSettings(level="WARNING"))
+    quiet_logging()
     settings = WatchSettings(
         cycles=args.cycles,
         pause=args.pause,
@@ -961,43 +958,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds=args.rounds,
     )
     started = datetime.now(UTC)
-    if args.redis_url:
-        rounds = asyncio.run(run_rounds(settings, args.redis_url))
-        redis_version = "given"
-    else:
-        with RedisProcess() as server:
-            rounds = asyncio.run(run_rounds(settings, server.url))
-            redis_version = "started"
+    with redis_for(args.redis_url) as redis_url:
+        assert redis_url is not None
+        rounds = asyncio.run(run_rounds(settings, redis_url))
+        env = environment(redis_url)
+    env["redis"] = "given" if args.redis_url else "started"
     summary = summarize(rounds)
-    command = " ".join(["uv run python -m benchmarks.run --mode watch", *argv])
     text = (
         f"{os.cpu_count()} CPUs shared by every process here (service instances, "
         "redis-server, load processes, this harness) and by whatever else runs on the "
         f"machine; load average (1, 5, 15 min) before each round is in the tables.\n\n"
         + tables(settings, rounds, summary)
     )
-    print("\n" + text)
     document = {
         "started": started.isoformat(),
-        "command": command,
+        "command": command_line(MODE, argv),
         "settings": {
-            "mode": "watch",
+            "mode": MODE,
             **{key: getattr(settings, key) for key in WatchSettings.__dataclass_fields__},
         },
-        "environment": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "grpcio": version("grpcio"),
-            "redis-py": version("redis"),
-            "redis": redis_version,
-        },
+        "environment": env,
         "watch": {"summary": summary, "rounds": rounds},
     }
-    markdown = f"# Watch {started:%Y-%m-%d %H:%M:%S} UTC\n\n`{command}`\n\n{text}"
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    for path in save(args.results_dir, f"{stamp}-watch", document, markdown, chart(rounds)):
-        print(f"wrote {path}", file=sys.stderr)
+    publish(args.results_dir, MODE, "Watch", started, document, text, chart(rounds))
     met = summary["latency"]["target_met"] and all(
         row["target_met"] for row in summary["streams"].values()
     )

@@ -1,8 +1,13 @@
 """The workers mode: the service on the Redis store with 1, 2, ... worker processes
 (`server.workers`), driven from several load processes.
 
-`python -m benchmarks.run --mode workers` runs it; this module is also the load process:
-`python -m benchmarks.workers --address HOST:PORT --clients N --duration S --timeout S`.
+uv run python -m benchmarks.run --mode workers [--workers 1,2] [--load-processes 2]
+    [--clients 50] [--duration 5] [--warmup 0.5] [--timeout 2] [--rounds 3]
+    [--redis-url redis://127.0.0.1:6379/0] [--results-dir DIR]
+
+(the same as `python -m benchmarks.workers` with those options); this module is also the
+load process: `python -m benchmarks.workers load --address HOST:PORT --clients N
+--duration S --timeout S`.
 
 Each run (one worker count in one round) starts the service on a fresh port
 (`benchmarks.targets.service_target` with `workers`), then the load processes, each with
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,12 +39,26 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
-from benchmarks.load import OPERATIONS, LoadSettings, measure, per_call_us, percentile, summarize
+from benchmarks.core import (
+    add_redis_url,
+    command_line,
+    counts,
+    environment,
+    loads,
+    mode_parser,
+    positive,
+    publish,
+    quiet_logging,
+    redis_for,
+)
+from benchmarks.load import OPERATIONS, LoadSettings, measure, percentile, summarize
 from benchmarks.proc import (
     cpu_seconds,
     machine_busy,
+    per_call_us,
     process_tree,
     redis_pid,
     socket_inodes,
@@ -47,6 +67,10 @@ from benchmarks.proc import (
 from benchmarks.report import spread
 from benchmarks.targets import REPO_ROOT, ServiceTarget, delete_keys, service_target
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+MODE = "workers"
 LOAD_START_TIMEOUT_S = 30.0  # a load process imports grpc and connects its clients
 ROLES = ("service", "load", "redis")  # whose CPU time is read, besides the machine's
 
@@ -87,8 +111,8 @@ async def load(address: str, clients: int, settings: LoadSettings) -> dict[str, 
     }
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.workers", description=__doc__)
+def load_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.workers load")
     parser.add_argument("--address", required=True)
     parser.add_argument("--clients", type=int, required=True)
     parser.add_argument("--duration", type=float, required=True)
@@ -149,7 +173,7 @@ async def run_one(
     """The service with `workers` workers under the load processes: one measured window."""
     async with service_target("redis", "redis", store, settings.timeout, workers=workers) as target:
         assert target.pid is not None
-        command = [sys.executable, "-m", "benchmarks.workers", "--address", target.address]
+        command = [sys.executable, "-m", "benchmarks.workers", "load", "--address", target.address]
         command += ["--duration", str(settings.duration), "--timeout", str(settings.timeout)]
         loaders = [
             await asyncio.create_subprocess_exec(
@@ -374,5 +398,135 @@ def workers_tables(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, A
     return "\n".join(lines)
 
 
+def workers_chart(
+    rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]], cpus: int
+) -> Callable[[Figure], None]:
+    """Per worker count: every run's calls/s and the median; the median cores kept busy."""
+
+    def draw(figure: Figure) -> None:
+        calls, busy = figure.subplots(1, 2)
+        places = range(len(summary))
+        labels = [f"{s['workers']} worker{'s' if s['workers'] > 1 else ''}" for s in summary]
+        for place, s in zip(places, summary, strict=True):
+            rates = [r["calls_per_s"] for r in rows if r["workers"] == s["workers"]]
+            run, median = ("run", "median") if place == 0 else (None, None)  # one legend entry
+            calls.plot([place] * len(rates), rates, "o", color="C0", label=run)
+            width = (place - 0.25, place + 0.25)
+            calls.hlines(s["calls_per_s"]["median"], *width, color="C1", label=median)
+        calls.set_xticks(places, labels)
+        calls.set_xlim(-0.5, len(summary) - 0.5)
+        calls.set_ylim(bottom=0)
+        calls.set_title("calls/s, all load processes")
+        calls.grid(axis="y", alpha=0.3)
+        calls.legend(fontsize="small", loc="lower center")
+        stacked = [0.0] * len(summary)
+        for role in ("service", "load", "redis"):
+            values = [s["cores"][role] or 0.0 for s in summary]
+            busy.bar(places, values, 0.6, bottom=stacked, label=role)
+            stacked = [b + v for b, v in zip(stacked, values, strict=True)]
+        machine = [s["cores"]["machine"] or 0.0 for s in summary]
+        rest = [max(0.0, m - b) for m, b in zip(machine, stacked, strict=True)]
+        busy.bar(places, rest, 0.6, bottom=stacked, color="0.75", label="rest of the machine")
+        busy.axhline(cpus, color="C3", linestyle="--", label=f"{cpus} cores")
+        busy.set_xticks(places, labels)
+        busy.set_title("cores busy in the window (medians)")
+        busy.grid(axis="y", alpha=0.3)
+        busy.legend(fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
+
+    return draw
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = mode_parser(MODE, "The service on the Redis store with 1, 2, ... worker processes.")
+    parser.add_argument(
+        "--workers", type=counts, default=[1, 2], help="server.workers counts; default 1,2"
+    )
+    parser.add_argument(
+        "--load-processes", type=int, default=2, help="load-generating processes; default 2"
+    )
+    parser.add_argument(
+        "--clients", type=counts, default=[50], help="clients in all (one count); default 50"
+    )
+    parser.add_argument(
+        "--duration", type=positive, default=5.0, help="measured seconds per run; default 5"
+    )
+    parser.add_argument("--warmup", type=float, default=0.5, help="seconds run before measuring")
+    parser.add_argument("--timeout", type=positive, default=2.0, help="seconds per call")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of all worker counts; default 3"
+    )
+    add_redis_url(parser)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if len(args.clients) != 1 or not 1 <= args.load_processes <= args.clients[0]:
+        parser.error("--mode workers takes one --clients count, at least --load-processes (≥ 1)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["load"]:
+        return load_main(argv[1:])
+    args = parse_args(argv)
+    quiet_logging()
+    started = datetime.now(UTC)
+    settings = WorkersSettings(
+        workers=tuple(args.workers),
+        load_processes=args.load_processes,
+        clients=args.clients[0],
+        duration=args.duration,
+        warmup=args.warmup,
+        timeout=args.timeout,
+        rounds=args.rounds,
+    )
+    load_before = os.getloadavg()
+    with redis_for(args.redis_url) as redis_url:
+        assert redis_url is not None
+        rows = asyncio.run(run_workers(settings, redis_url))
+        env = environment(redis_url, ["redis"])
+    load_after = os.getloadavg()
+    env["load_average"] = {"before": load_before, "after": load_after}
+    summary = summarize_rows(rows)
+    shares = "+".join(map(str, settings.shares()))
+    text = (
+        f"The service on the Redis store with server.workers = "
+        f"{', '.join(map(str, settings.workers))} (SO_REUSEPORT; worker counts alternate "
+        f"over {settings.rounds} rounds), driven by {settings.load_processes} load processes "
+        f"(python -m benchmarks.workers load) with {settings.clients} clients in all "
+        f"({shares}); each client has its own channel (TCP connection) and lock and loops "
+        "acquire -> keep-alive -> release on the raw stub. "
+        f"{settings.duration:g} s measured per run after {settings.warmup:g} s warm-up, "
+        f"{settings.timeout:g} s per call; latencies pooled over all calls of all load "
+        "processes. CPU from /proc over the window: cores busy = CPU seconds ÷ window "
+        f"seconds, machine = every process on the machine's {env['cpus']} cores; CPU per "
+        "call = CPU seconds ÷ calls answered. Load average (1, 5, 15 min) before "
+        f"{loads(load_before)}, after {loads(load_after)}.\n\n" + workers_tables(rows, summary)
+    )
+    document = {
+        "started": started.isoformat(),
+        "command": command_line(MODE, argv),
+        "settings": {
+            "mode": MODE,
+            "workers": list(settings.workers),
+            "load_processes": settings.load_processes,
+            "clients": settings.clients,
+            "clients_per_load_process": settings.shares(),
+            "duration": settings.duration,
+            "warmup": settings.warmup,
+            "timeout": settings.timeout,
+            "rounds": settings.rounds,
+        },
+        "environment": env,
+        "workers": {"summary": summary, "runs": rows},
+    }
+    chart = workers_chart(rows, summary, env["cpus"])
+    publish(args.results_dir, MODE, "Workers", started, document, text, chart)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from benchmarks.ghz import INSTALL_TIMEOUT_S, cached_ghz, ghz_binary, go_command
 
 ROOT = Path(__file__).parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -95,3 +98,42 @@ def test_watch(tmp_path: Path) -> None:
     assert summary["latency"]["deliveries"] > 0 and summary["latency"]["lost"] == 0
     for form in summary["streams"].values():
         assert form["opened"] == form["streams"] == 20 and form["lost"] == 0, form
+
+
+@pytest.mark.timeout(INSTALL_TIMEOUT_S + HARNESS_TIMEOUT_S + 30)
+def test_ghz(tmp_path: Path) -> None:
+    if go_command() is None and shutil.which("ghz") is None and not cached_ghz().exists():
+        pytest.skip("no ghz, and no Go toolchain (go) to build it")
+    ghz = ghz_binary()  # built into the cache on the first run, reused after
+    document = run_harness(
+        tmp_path,
+        *("--mode", "ghz", "--targets", "memory", "--concurrency", "4", "--rounds", "1"),
+        *("--duration", "0.5", "--warmup", "0.2", "--ghz", str(ghz)),
+    )
+    runs = document["ghz"]["runs"]
+    assert [(r["target"], r["scenario"]) for r in runs] == [
+        ("memory", "acquire"),
+        ("memory", "keep-alive"),
+    ]
+    assert all(r["calls"] > 0 and r["errors"] == 0 and r["cpu_s"]["ghz"] > 0 for r in runs)
+    assert runs[1]["held_after"] == 4  # every renewed lock was still held
+    table = next(tmp_path.glob("*.md")).read_text(encoding="utf-8")
+    assert "| memory | acquire |" in table and "server CPU µs/call" in table
+
+
+def test_sdk_cycles(tmp_path: Path) -> None:
+    document = run_harness(
+        tmp_path,
+        *("--mode", "sdk-cycles", "--targets", "memory", "--clients", "4", "--rounds", "1"),
+        *("--duration", "0.5", "--warmup", "0.2"),
+    )
+    runs = document["sdk_cycles"]["runs"]
+    assert [(r["target"], r["transport"]) for r in runs] == [
+        ("memory", "session"),
+        ("memory", "unary"),
+    ]
+    for run in runs:
+        assert run["operations"] > 0 and run["errors"] == 0 and not run["lost"], run
+        assert run["fell_back"] == 0  # the session run used the Session stream
+    table = next(tmp_path.glob("*.md")).read_text(encoding="utf-8")
+    assert "| memory | operations/s |" in table and "session ÷ unary" in table

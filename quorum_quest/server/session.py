@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -135,21 +136,20 @@ class SessionStream:
     async def _write_until_done(self, reader: asyncio.Task[None]) -> None:
         context = self._context
         while True:
-            await self._wake.wait()
-            self._wake.clear()
             if self._results:
                 results, self._results = self._results, []
                 await context.write(wire.SessionResponse(results=results))
                 for _ in results:
                     self._room.release()
                 continue
-            if self._running:
-                continue
-            if reader.done():
-                reader.result()  # an undecodable message ends the stream with its status
-                return
-            if self._closing:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            if not self._running:
+                if reader.done():
+                    reader.result()  # an undecodable message ends the stream with its status
+                    return
+                if self._closing:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            await self._wake.wait()
+            self._wake.clear()
 
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         loop = asyncio.get_running_loop()
@@ -165,7 +165,9 @@ class SessionStream:
                         f"id: {operation.id} is the id of an operation still running",
                     )
                 else:
-                    task = loop.create_task(self._run(operation))
+                    # Outside the stream's trace (an empty context): a stream lives for
+                    # hours, and a sampled one would gather a span of every operation.
+                    task = loop.create_task(self._run(operation), context=Context())
                     self._running[operation.id] = task
 
     def _answer(self, id: int, status: grpc.StatusCode, message: str) -> None:

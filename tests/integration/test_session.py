@@ -290,3 +290,27 @@ async def test_an_operation_whose_answer_the_stream_lost_is_uncertain_never_a_su
         finally:
             redis_server.resume()
             await client.close()
+
+
+async def test_at_shutdown_a_session_answers_what_it_runs_then_ends_unavailable() -> None:
+    server = LockServer(make_settings("memory", {}))
+    await server.start()
+    address = f"127.0.0.1:{server.port}"
+    domain = lock_name()
+    try:
+        async with raw_session(address) as session:
+            held = await session.ask({"id": 1, "try_acquire_lock": {**lock(domain, "bob")}})
+            assert held.try_acquire_lock.is_leader
+            await session.send({"id": 2, "try_acquire_lock": {**lock(domain), "wait_ms": 60_000}})
+            while not server.runtime.current.in_flight:  # the acquire waits for a release
+                await asyncio.sleep(0.01)
+            await server.stop()
+            (waited,) = await session.results_of(2)
+            assert waited.code == OK and not waited.try_acquire_lock.is_leader
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await session.results_of(3)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (ended.value.details() or "")
+    finally:
+        if server.runtime.sessions.closed is False:
+            await server.stop()

@@ -1,4 +1,20 @@
-"""The async Python SDK: `QuorumQuestClient`, its `leadership()` and `leaderships()`."""
+"""The async Python SDK's client of one lock: `QuorumQuestClient`.
+
+This module holds the client itself: its construction (the timing knobs checked
+together), its connection and calls (over the shared `Session` stream, else unary
+calls), the lease it holds, and the Go client's calls. What it guarantees:
+
+- a grant answered after its lease would have ended is given back at once, never acted on;
+- a lease whose release got no answer is never resumed as a new leadership: handed back
+  by the service, it is released first and acquired afresh, so each grant this client
+  acts on has a larger fencing token;
+- `release_lock()` ends the lease for this client whether or not the service answered.
+
+Built on it, each in a room of its own: `leadership()`, `leaderships()` and
+`wait_for_leadership()` (`leadership.py`), the `LeaseSet` of `leaderships()`
+(`lease_set.py`), watching who leads (`watch.py`); all over one keep-alive
+(`lease.py`) and one session per service (`session.py`).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +23,17 @@ import inspect
 import json
 import logging
 import math
-import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from typing import Any
 
-import anyio
 import grpc
-from anyio.abc import TaskGroup, TaskStatus
 
 from quorum_quest._rpc import SERVICE_NAME, LeaderElectionStub, wire
+from quorum_quest.client import leadership as _leadership
 from quorum_quest.client import watch as _watch
 from quorum_quest.client.connection import (
     ClientTLS,
@@ -28,15 +41,18 @@ from quorum_quest.client.connection import (
     open_channel,
     token_from_environment,
 )
-from quorum_quest.client.lease import EXPIRED, RELEASED, Lease, LeaseKeeper, keep_alive
+from quorum_quest.client.leadership import Callbacks as Callbacks  # re-exported
+from quorum_quest.client.leadership import LeaseCallback
+from quorum_quest.client.lease import RELEASED, Lease, keep_alive
+from quorum_quest.client.lease_set import LeaseSet as LeaseSet  # re-exported
+from quorum_quest.client.lease_set import LockName as LockName  # re-exported
 from quorum_quest.client.session import OPERATIONS, Session, SessionUnsupported, leave, session_for
-from quorum_quest.client.status import rpc_error
+from quorum_quest.client.status import BEST_EFFORT_FAILURES, rpc_error
 from quorum_quest.client.tracing import client_interceptors
 from quorum_quest.errors import (
     AccessRefused,
     InvalidArgument,
     LeadershipLost,
-    QuotaExceeded,
     ServiceUnavailable,
 )
 
@@ -65,30 +81,6 @@ RENEWALS_WAIT_FOR_READY = json.dumps(
     }
 )
 
-LeaseCallback = Callable[[Lease], "Awaitable[None] | None"]
-# A lock named for `leaderships()`: a domain of the client's service, or (service, domain).
-LockName = str | tuple[str, str]
-
-# Renewals of a LeaseSet: locks per KeepAliveMany call, calls in flight, and how close
-# together two leases' renewals must fall to share a call.
-RENEW_BATCH = 1_000
-RENEW_CONCURRENCY = 4
-RENEW_COALESCE_S = 0.5
-# TryAcquireLock / ReleaseLock calls a LeaseSet has in flight at once.
-SET_CALL_CONCURRENCY = 64
-# How long one acquire may ask the service to wait for a release (TryAcquire wait_ms).
-WAIT_FOR_RELEASE_S = 5.0
-
-
-@dataclass(frozen=True)
-class Callbacks:
-    """Called (sync or async) when this client becomes leader and when it stops being one;
-    `on_new_leader` with each change of leader, only inside `client.watching()`."""
-
-    on_leader_elected: LeaseCallback | None = None
-    on_leader_lost: LeaseCallback | None = None
-    on_new_leader: _watch.NewLeaderCallback | None = None
-
 
 def _seconds(value: float | timedelta) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
@@ -111,12 +103,6 @@ def _channel_options(ttl: float) -> tuple[tuple[str, int | str], ...]:
         ("grpc.max_reconnect_backoff_ms", backoff_ms),
         ("grpc.service_config", RENEWALS_WAIT_FOR_READY),
     )
-
-
-def _cancelled_from_outside(task: asyncio.Task[Any], cancelling_before: int) -> bool:
-    """Whether `task` has been cancelled from outside since it was cancelled
-    `cancelling_before` times: by `Task.cancel()` or by a cancel scope around it."""
-    return task.cancelling() > cancelling_before or anyio.current_effective_deadline() == -math.inf
 
 
 async def _answer(call: Awaitable[Any]) -> Any:
@@ -148,10 +134,6 @@ async def _answer(call: Awaitable[Any]) -> Any:
 def _duration_s(duration: Any) -> float:
     """A `google.protobuf.Duration` message in seconds (an unset one is 0)."""
     return float(duration.seconds + duration.nanos / 1e9)
-
-
-# What a call that must not fail its caller (a release on the way out) logs instead.
-BEST_EFFORT_FAILURES = (ServiceUnavailable, InvalidArgument, AccessRefused)
 
 
 class QuorumQuestClient:
@@ -545,7 +527,7 @@ class QuorumQuestClient:
         )
         return (response.client_id, response.fencing_token) if response.has_leader else None
 
-    # -- leadership -----------------------------------------------------------------
+    # -- leadership (client/leadership.py) ------------------------------------------
 
     async def wait_for_leadership(self, timeout: float | None = None) -> Lease:
         """Try to acquire until this client leads, call `on_leader_elected`, return the lease.
@@ -555,59 +537,9 @@ class QuorumQuestClient:
         acquire was answered or the callback ran) is released, best effort, rather than
         left to block the lock for a whole ttl.
         """
-        held = self._lease  # a lease held before this call stays the caller's
-        try:
-            with anyio.fail_after(timeout):
-                lease = await self._acquire_until_leading()
-                if lease is not held:
-                    await self._notify(self.callbacks.on_leader_elected, lease)
-        except BaseException:
-            await self._give_back(held)
-            raise
-        return lease
+        return await _leadership.wait_for_leadership(self, timeout)
 
-    async def _acquire_until_leading(self) -> Lease:
-        """Try to acquire (with backoff and jitter) until this client leads; its lease."""
-        delay = 0.05
-        while True:
-            try:
-                # The service answers as soon as the lock is released or its
-                # holder's lease ends, or after WAIT_FOR_RELEASE_S.
-                if await self._try_acquire(WAIT_FOR_RELEASE_S):
-                    assert self._lease is not None
-                    return self._lease
-                # Poll faster as the holder's lease nears its end, never busier than 50 ms.
-                hint = self._holder_hint or delay
-                pause = 0.0 if self._service_waited else max(0.05, min(delay, hint))
-            except (ServiceUnavailable, QuotaExceeded) as exc:
-                # An outage or a quota (calls per second, leases held) is waited out;
-                # a refusal for credentials or rules is the caller's to see at once.
-                logger.warning("waiting for %s/%s: %s", self.service, self.domain, exc)
-                pause = delay
-            await anyio.sleep(pause * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, max(0.05, self.keep_alive_interval))
-
-    async def _give_back(self, held: Lease | None) -> None:
-        """Release what a wait for leadership that ends without handing over a lease may
-        have been granted: the lease it made, or, when its last acquire got no answer,
-        whatever lease the service says this client holds. `held` (a lease from before
-        the wait) is kept. Best effort: a failure is logged."""
-        with anyio.CancelScope(shield=True):
-            try:
-                if self._lease is not None:
-                    if self._lease is not held:
-                        await self.release_lock()
-                elif self._grant_in_doubt:
-                    leader = await self.get_leader()
-                    if leader is not None and leader[0] == self.client_id:
-                        await self._release_lease(self.service, self.domain, leader[1])
-            except BEST_EFFORT_FAILURES as exc:
-                logger.warning(
-                    "could not release the grant of %s/%s: %s", self.service, self.domain, exc
-                )
-
-    @asynccontextmanager
-    async def leadership(self, timeout: float | None = None) -> AsyncIterator[Lease]:
+    def leadership(self, timeout: float | None = None) -> AbstractAsyncContextManager[Lease]:
         """Lead for the duration of the block.
 
         Waits (with backoff and jitter) until this client holds the lock, or raises
@@ -619,68 +551,11 @@ class QuorumQuestClient:
         stays a cancellation. The lock is released on exit, and so is a grant that a
         timeout or a cancellation kept from reaching the body.
         """
-        held = self._lease
-        try:
-            with anyio.fail_after(timeout):
-                lease = await self._acquire_until_leading()
-        except BaseException:
-            await self._give_back(held)
-            raise
-        self.stop_keep_alive()
-        task = asyncio.current_task()
-        assert task is not None
-        cancelling = task.cancelling()
-        lost: LeadershipLost | None = None
-        try:
-            try:
-                async with anyio.create_task_group() as guard:
+        return _leadership.leadership(self, timeout)
 
-                    async def keep() -> None:
-                        nonlocal lost
-                        reason = await self._keep_until_lost(lease)
-                        lost = LeadershipLost(f"lost {self.service}/{self.domain}: {reason}")
-                        guard.cancel_scope.cancel()
-
-                    guard.start_soon(keep)
-                    try:
-                        if lease is not held:
-                            await self._notify(self.callbacks.on_leader_elected, lease)
-                        if lease.is_valid:
-                            yield lease
-                        else:  # ran out before the keep-alive noticed: never enter the body
-                            reason = lease.end_reason or EXPIRED
-                            lost = LeadershipLost(f"lost {self.service}/{self.domain}: {reason}")
-                    finally:
-                        guard.cancel_scope.cancel()
-            except ExceptionGroup as errors:
-                # The body's error (or the keep-alive's) as itself, not in a group.
-                if len(errors.exceptions) == 1:
-                    raise errors.exceptions[0] from None
-                raise
-        except asyncio.CancelledError:
-            # A gRPC call cancelled by the keep-alive's cancel scope raises grpc's own
-            # CancelledError, which anyio does not recognise as the scope's: the loss
-            # all the same, unless the caller was cancelled from outside too.
-            if lost is None or _cancelled_from_outside(task, cancelling):
-                raise
-        finally:
-            with anyio.CancelScope(shield=True):
-                if lost is None:
-                    try:
-                        await self.release_lock()
-                    except BEST_EFFORT_FAILURES as exc:
-                        logger.warning(
-                            "could not release %s/%s: %s", self.service, self.domain, exc
-                        )
-                elif self._lease is lease:
-                    await self._drop_lease(lease.end_reason or EXPIRED)
-        if lost is not None:
-            raise lost
-
-    @asynccontextmanager
-    async def leaderships(
+    def leaderships(
         self, locks: Iterable[LockName], *, callbacks: Callbacks | None = None
-    ) -> AsyncIterator[LeaseSet]:
+    ) -> AbstractAsyncContextManager[LeaseSet]:
         """Hold as many of `locks` as are free, all kept alive together, for the block.
 
         A lock is a domain of this client's service, or a `(service, domain)` pair.
@@ -691,22 +566,7 @@ class QuorumQuestClient:
         false, `callbacks.on_leader_lost` is called) and leaves the set; the others
         and the block go on. Every lease still held is released on exit.
         """
-        try:
-            async with anyio.create_task_group() as group:
-                leases = LeaseSet(self, locks, callbacks or Callbacks(), group)
-                try:
-                    # Renewing from the first grant on: acquiring thousands takes a while.
-                    await group.start(leases._keep)
-                    await leases.try_acquire()
-                    yield leases
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await leases._close()
-        except ExceptionGroup as errors:
-            # The body's error, or the keeper's, as itself rather than in a group.
-            if len(errors.exceptions) == 1:
-                raise errors.exceptions[0] from None
-            raise
+        return _leadership.leaderships(self, locks, callbacks)
 
     # -- watching who leads (client/watch.py) ---------------------------------------
 
@@ -723,182 +583,3 @@ class QuorumQuestClient:
         """`async with client.watching():` call `callbacks.on_new_leader` with each change
         of leader of what `watch()` would follow, for as long as the block runs."""
         return _watch.following_leaders(self, locks, service)
-
-
-def _lock_name(service: str, name: LockName) -> tuple[str, str]:
-    return (service, name) if isinstance(name, str) else (name[0], name[1])
-
-
-class LeaseSet:
-    """The leases one client holds on a set of locks, made by `client.leaderships()`.
-
-    Iterating gives the leases held now; `get(lock)` one of them or None. Every
-    lease is renewed by one `LeaseKeeper` (batched `KeepAliveMany` calls), so one
-    client object can lead thousands of locks with a handful of calls per interval.
-    """
-
-    def __init__(
-        self,
-        client: QuorumQuestClient,
-        locks: Iterable[LockName],
-        callbacks: Callbacks,
-        group: TaskGroup,
-    ) -> None:
-        self._client = client
-        self._locks = list(dict.fromkeys(_lock_name(client.service, lock) for lock in locks))
-        self._callbacks = callbacks
-        self._group = group
-        self._held: dict[tuple[str, str], Lease] = {}
-        self._keeper = LeaseKeeper(
-            client._renew_many,
-            interval=client.keep_alive_interval,
-            margin=client.safety_margin,
-            rpc_timeout=client.rpc_timeout,
-            batch_size=RENEW_BATCH,
-            concurrency=RENEW_CONCURRENCY,
-            coalesce=min(RENEW_COALESCE_S, client.keep_alive_interval / 10),
-            on_lost=self._lost,
-        )
-        self._keeping: anyio.CancelScope | None = None
-        self._unreported: list[Lease] = []  # lost, not logged yet
-
-    @property
-    def locks(self) -> list[tuple[str, str]]:
-        """Every lock of the set, held or not, as (service, domain)."""
-        return list(self._locks)
-
-    def __iter__(self) -> Iterator[Lease]:
-        return (lease for lease in list(self._held.values()) if lease.is_valid)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-    def get(self, lock: LockName) -> Lease | None:
-        """The valid lease on `lock` (a domain of the client's service, or a pair), or None."""
-        lease = self._held.get(_lock_name(self._client.service, lock))
-        return lease if lease is not None and lease.is_valid else None
-
-    async def try_acquire(self) -> list[Lease]:
-        """Try once to acquire every lock of the set not held now; the leases it got.
-
-        Locks held by someone else are skipped. A lock the service could not answer
-        for, or refused for a quota, is logged and left for the next try;
-        `InvalidArgument`, `Unauthenticated` and `PermissionDenied` are raised.
-        """
-        client = self._client
-        missing = [lock for lock in self._locks if self.get(lock) is None]
-        granted: list[Lease] = []
-        failed: list[tuple[tuple[str, str], ServiceUnavailable | QuotaExceeded]] = []
-        calls = anyio.CapacityLimiter(SET_CALL_CONCURRENCY)
-
-        async def acquire(lock: tuple[str, str]) -> None:
-            async with calls:
-                try:
-                    response, sent_at = await client._grant(*lock)
-                except (ServiceUnavailable, QuotaExceeded) as exc:
-                    failed.append((lock, exc))
-                    return
-            if response.is_leader:
-                stale = self._held.get(lock)
-                if stale is not None:  # ran out before the keeper noticed: it ends now
-                    self._keeper.discard(stale)
-                    self._end(stale, EXPIRED)
-                lease = client._new_lease(*lock, response, sent_at)
-                self._held[lock] = lease
-                self._keeper.add(lease)
-                granted.append(lease)
-                self._notify(self._callbacks.on_leader_elected, lease)
-
-        try:
-            async with anyio.create_task_group() as attempts:
-                for lock in missing:
-                    attempts.start_soon(acquire, lock)
-        except ExceptionGroup as errors:
-            raise errors.exceptions[0] from None
-        if failed:
-            (service, domain), error = failed[0]
-            logger.warning(
-                "could not try %s of %s locks (e.g. %s/%s): %s",
-                len(failed),
-                len(missing),
-                service,
-                domain,
-                error,
-            )
-        return granted
-
-    async def release(self, lock: LockName) -> bool:
-        """Stop holding `lock` and release it; True when this call released it."""
-        name = _lock_name(self._client.service, lock)
-        lease = self._held.pop(name, None)
-        if lease is None:
-            return False
-        self._keeper.discard(lease)
-        try:
-            return await self._client._release_lease(*name, lease.fencing_token)
-        finally:
-            self._end(lease, RELEASED)
-
-    def _notify(self, callback: LeaseCallback | None, lease: Lease) -> None:
-        if callback is not None:
-            self._group.start_soon(self._client._notify, callback, lease)
-
-    def _end(self, lease: Lease, reason: str) -> None:
-        lease._end(reason)
-        self._notify(self._callbacks.on_leader_lost, lease)
-
-    def _lost(self, lease: Lease) -> None:
-        """The keeper lost `lease`: it leaves the set, the others carry on."""
-        name = (lease.service, lease.domain)
-        if self._held.get(name) is lease:
-            del self._held[name]
-        if not self._unreported:
-            self._group.start_soon(self._report_lost)
-        self._unreported.append(lease)
-        self._notify(self._callbacks.on_leader_lost, lease)
-
-    async def _report_lost(self) -> None:
-        """One log line for the leases lost together (one answer can refuse thousands)."""
-        await anyio.sleep(0)  # let the rest of this answer come in first
-        lost, self._unreported = self._unreported, []
-        first = lost[0]
-        logger.warning(
-            "lost %s lock(s), e.g. %s/%s: %s",
-            len(lost),
-            first.service,
-            first.domain,
-            first.end_reason,
-        )
-
-    async def _keep(self, *, task_status: TaskStatus[None]) -> None:
-        with anyio.CancelScope() as self._keeping:
-            task_status.started()
-            await self._keeper.run()
-
-    async def _close(self) -> None:
-        """Stop renewing, then release every lease still held."""
-        if self._keeping is not None:
-            self._keeping.cancel()
-        held, self._held = self._held, {}
-        for lease in held.values():
-            self._keeper.discard(lease)
-        calls = anyio.CapacityLimiter(SET_CALL_CONCURRENCY)
-        failures: list[Exception] = []
-
-        async def release(lease: Lease) -> None:
-            async with calls:
-                try:
-                    await self._client._release_lease(
-                        lease.service, lease.domain, lease.fencing_token
-                    )
-                except BEST_EFFORT_FAILURES as exc:
-                    failures.append(exc)
-            self._end(lease, RELEASED)
-
-        async with anyio.create_task_group() as releases:
-            for lease in held.values():
-                releases.start_soon(release, lease)
-        if failures:
-            logger.warning(
-                "could not release %s of %s locks: %s", len(failures), len(held), failures[0]
-            )

@@ -1,11 +1,13 @@
 """A grpc status, as the SDK raises it: the same exception for a unary call's status
-and for a session operation's."""
+and for a session operation's; and which of those a call that must not fail its caller
+logs instead."""
 
 from __future__ import annotations
 
 import grpc
 
 from quorum_quest.errors import (
+    AccessRefused,
     InvalidArgument,
     PermissionDenied,
     QuotaExceeded,
@@ -20,6 +22,8 @@ ACCESS_REFUSALS = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.RESOURCE_EXHAUSTED: QuotaExceeded,
 }
+# What a call that must not fail its caller (a release on the way out) logs instead.
+BEST_EFFORT_FAILURES = (ServiceUnavailable, InvalidArgument, AccessRefused)
 
 
 def status_error(code: grpc.StatusCode, details: str) -> Exception:

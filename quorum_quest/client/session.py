@@ -91,7 +91,6 @@ class Session:
         self._queued: list[_Operation] = []  # not written yet
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
-        self._stream: _Stream | None = None
         self._closed = False
         self.unsupported = False
         self.users = 0
@@ -177,7 +176,6 @@ class Session:
     async def _serve_one_stream(self) -> _Stream:
         """Run one `Session` call until it ends; returns it with what ended it."""
         stream = _Stream(self._stub.session(metadata=self._metadata))
-        self._stream = stream
         self._wake.set()  # operations may wait already
         loop = asyncio.get_running_loop()
         reader = loop.create_task(self._read(stream))
@@ -215,7 +213,6 @@ class Session:
             if not reader.done():
                 reader.cancel()
             stream.call.cancel()
-            self._stream = None
         return stream
 
     async def _read(self, stream: _Stream) -> None:

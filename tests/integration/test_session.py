@@ -314,3 +314,16 @@ async def test_at_shutdown_a_session_answers_what_it_runs_then_ends_unavailable(
     finally:
         if server.runtime.sessions.closed is False:
             await server.stop()
+
+
+@MEMORY_ONLY
+async def test_bytes_that_are_no_session_request_end_the_stream_invalid_argument(
+    address: str,
+) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.stream_stream(f"/{SERVICE_NAME}/Session")()
+        await call.write(b"\xff\xff\xff garbage")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call.read()
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "SessionRequest" in (refused.value.details() or "")

@@ -160,7 +160,7 @@ class QuorumQuestClient:
         safety_margin: float | timedelta | None = None,
         tls: ClientTLS | bool | None = None,
         token: str | None = None,
-        session: bool = True,
+        session: bool | None = None,
     ) -> None:
         """`tls`: a `ClientTLS`, True for TLS verified against the system's roots, False
         for plaintext; `token`: a bearer token sent with every call ("" for none). Left
@@ -168,10 +168,12 @@ class QuorumQuestClient:
         `QUORUMQUEST_TOKEN`, `QUORUMQUEST_TOKEN_FILE`; see `quorum_quest.client.connection`),
         and is plaintext without a token when that sets nothing.
 
-        `session`: send acquires, renewals, releases and leader queries over the
+        `session`: True sends acquires, renewals, releases and leader queries over the
         `Session` stream that every client of this address and credentials in the
         event loop shares (`quorum_quest.client.session`), far cheaper than a unary
-        call each; against a service without it, and with False, unary calls."""
+        call each; False, and against a service without it, unary calls. Left at None:
+        the stream, unless the application traces calls (OpenTelemetry configured by
+        the first call): then unary calls, each with its span and trace context."""
         self.service = service
         self.domain = domain
         self.address = address
@@ -207,7 +209,7 @@ class QuorumQuestClient:
         self._metadata = bearer_metadata(self._token)
         self._channel: grpc.aio.Channel | None = None
         self._stub: LeaderElectionStub | None = None
-        self._use_session = session
+        self._use_session = session  # None: decided by the first call
         self._session: Session | None = None
         self._lease: Lease | None = None
         self._holder_hint = 0.0  # seconds left of the holder's lease, as last answered
@@ -241,6 +243,8 @@ class QuorumQuestClient:
         """The answer of the stub's `method` on `request`: over the session when it
         carries that method, else as a unary call."""
         timeout = timeout or self.rpc_timeout
+        if self._use_session is None:
+            self._use_session = client_interceptors() is None
         if self._use_session and method in OPERATIONS:
             if self._session is None:
                 key = (self.address, self.tls, self._token, _channel_options(self.ttl))

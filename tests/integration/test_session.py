@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -208,7 +209,7 @@ async def test_a_session_is_authenticated_and_each_operation_authorized(tmp_path
 
 @MEMORY_ONLY
 async def test_the_sdks_clients_share_one_session(server: LockServer, address: str) -> None:
-    clients = [QuorumQuestClient("svc", lock_name(), 5, address) for _ in range(3)]
+    clients = [QuorumQuestClient("svc", lock_name(), 5, address, session=True) for _ in range(3)]
     try:
         assert all(await asyncio.gather(*(c.try_acquire_lock() for c in clients)))
         assert len(server.runtime.sessions) == 1
@@ -221,6 +222,44 @@ async def test_the_sdks_clients_share_one_session(server: LockServer, address: s
             break
         await asyncio.sleep(0.05)
     assert len(server.runtime.sessions) == 0
+
+
+DEFAULT_CLIENT = """
+import asyncio, sys
+from quorum_quest import QuorumQuestClient
+
+async def main() -> None:
+    async with QuorumQuestClient("svc", "default-session", 5, sys.argv[1]) as client:
+        assert await client.try_acquire_lock()
+        print("acquired", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+asyncio.run(main())
+"""
+
+
+@MEMORY_ONLY
+async def test_an_application_that_traces_nothing_gets_the_session_by_default(
+    server: LockServer, address: str
+) -> None:
+    """In a process of its own: OpenTelemetry set up by another test of this process
+    would make the default unary calls (each with its span)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        DEFAULT_CLIENT,
+        address,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        assert await process.stdout.readline() == b"acquired\n"
+        assert len(server.runtime.sessions) == 1
+    finally:
+        process.stdin.write(b"done\n")
+        await process.stdin.drain()
+        assert await process.wait() == 0
 
 
 @asynccontextmanager
@@ -258,7 +297,7 @@ async def test_the_sdk_uses_unary_calls_against_a_service_without_sessions(
     server: LockServer, address: str
 ) -> None:
     async with original_contract_server(address) as (original, called):
-        async with QuorumQuestClient("svc", lock_name(), 5, original) as client:
+        async with QuorumQuestClient("svc", lock_name(), 5, original, session=True) as client:
             assert await client.try_acquire_lock()
             assert await client.get_leader() is not None
             assert await client.release_lock()
@@ -275,7 +314,7 @@ async def test_an_operation_whose_answer_the_stream_lost_is_uncertain_never_a_su
         server = LockServer(settings)
         await server.start()
         client = QuorumQuestClient(
-            "svc", lock_name(), 5, f"127.0.0.1:{server.port}", rpc_timeout=60
+            "svc", lock_name(), 5, f"127.0.0.1:{server.port}", rpc_timeout=60, session=True
         )
         try:
             assert await client.get_leader() is None  # the session is open

@@ -186,10 +186,9 @@ class SessionStream:
                 )
                 return
             request = getattr(operation, kind)
-            deadline = self._deadline
-            timeout = operation.deadline_ms / 1000 if operation.deadline_ms else None
-            if timeout is not None:
-                ends = time.monotonic() + timeout
+            deadline = self._deadline  # the stream's, if it has one
+            if operation.deadline_ms:
+                ends = time.monotonic() + operation.deadline_ms / 1000
                 deadline = ends if deadline is None else min(deadline, ends)
             left = None if deadline is None else deadline - time.monotonic()
             try:
